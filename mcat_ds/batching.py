@@ -1,0 +1,74 @@
+"""Token sequences of the LLM: [speech tokens ; prompt ; target ; eos] (paper eq. 7), and their batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: tuple[int, ...]
+    """The instruction as the LLM's tokenizer starts a sequence (Gemma: with its BOS)."""
+    target_ids: tuple[int, ...] = ()
+    """The prediction and the closing end-of-sequence token; empty when decoding."""
+
+
+def tokenize_example(tokenizer, prompt: str, target: str | None = None) -> TokenizedExample:
+    """Prompt and target are tokenized apart so that the label boundary is exact (the release
+    tokenized them joined, which can merge a token across the boundary in text-tag mode)."""
+    prompt_ids = tuple(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if target is None:
+        return TokenizedExample(prompt_ids)
+    target_ids = tuple(tokenizer(target, add_special_tokens=False)["input_ids"]) + (tokenizer.eos_token_id,)
+    return TokenizedExample(prompt_ids, target_ids)
+
+
+@dataclass
+class LLMBatch:
+    """A padded batch; ``speech_mask`` marks the positions the speech embeddings take."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    speech_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> LLMBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return LLMBatch(**{name: None if value is None else value.to(device) for name, value in moved.items()})
+
+
+def collate_examples(
+    examples: Sequence[TokenizedExample],
+    num_speech_tokens: int,
+    pad_token_id: int,
+    padding_side: Literal["right", "left"] = "right",
+) -> LLMBatch:
+    """Right padding for training (positions start at 0 for every sample, as unbatched); left padding
+    for generation (every prompt ends at the last column). Labels cover the target and eos only."""
+    rows = []
+    for example in examples:
+        ids = [pad_token_id] * num_speech_tokens + list(example.prompt_ids) + list(example.target_ids)
+        speech = [True] * num_speech_tokens + [False] * (len(ids) - num_speech_tokens)
+        labels = [IGNORE_INDEX] * (num_speech_tokens + len(example.prompt_ids)) + list(example.target_ids)
+        rows.append((ids, speech, labels))
+    width = max(len(ids) for ids, _, _ in rows)
+
+    def pad(values: list, fill) -> list:
+        padding = [fill] * (width - len(values))
+        return values + padding if padding_side == "right" else padding + values
+
+    input_ids = torch.tensor([pad(ids, pad_token_id) for ids, _, _ in rows], dtype=torch.long)
+    attention_mask = torch.tensor([pad([1] * len(ids), 0) for ids, _, _ in rows], dtype=torch.long)
+    speech_mask = torch.tensor([pad(speech, False) for _, speech, _ in rows], dtype=torch.bool)
+    labels = None
+    if any(example.target_ids for example in examples):
+        labels = torch.tensor([pad(label, IGNORE_INDEX) for _, _, label in rows], dtype=torch.long)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return LLMBatch(input_ids, attention_mask, position_ids, speech_mask, labels)

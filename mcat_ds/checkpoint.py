@@ -1,0 +1,173 @@
+"""The MCAT checkpoint: what training produces and inference loads.
+
+A checkpoint directory holds only what trained, never the frozen base weights::
+
+    mcat_config.json        resolved config, base checkpoint paths, tag ids, code version
+    adapter.safetensors     the speech adapter (Q-Former, pooling MLP, norm)
+    lora/                   peft adapter (LoRA + trainable embedding rows), loadable by
+                            peft.PeftModel.from_pretrained(base_llm_with_tags, "lora")
+
+It is written to a temporary sibling and renamed into place, so a crash never leaves a half
+checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import mcat_ds
+from mcat_ds.build import CheckpointError, Tokenizer, build_model
+from mcat_ds.config import MCATConfig, from_dict
+from mcat_ds.model import MCATModel
+
+CONFIG_FILE = "mcat_config.json"
+ADAPTER_FILE = "adapter.safetensors"
+LORA_DIR = "lora"
+LORA_WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "mcat-checkpoint"
+FORMAT_VERSION = 1
+
+
+def code_version() -> dict[str, Any]:
+    """The package version and, when it runs from a git checkout, the commit."""
+    version: dict[str, Any] = {"mcat_ds": mcat_ds.__version__}
+    source = Path(mcat_ds.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        version.update(git_commit=commit, git_dirty=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def _replace_directory(staging: Path, final: Path) -> None:
+    previous = final.with_name(final.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(staging, final)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def save_checkpoint(model: MCATModel, tokenizer: Tokenizer, config: MCATConfig, directory: str | Path) -> Path:
+    final = Path(directory)
+    staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    adapter_state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.adapter.state_dict().items()}
+    save_file(adapter_state, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
+    model.llm.save_pretrained(str(staging / LORA_DIR), save_embedding_layers=False)
+    write_checkpoint_metadata(staging, config, tokenizer.tag_ids)
+    _replace_directory(staging, final)
+    return final
+
+
+def write_checkpoint_metadata(
+    directory: Path, config: MCATConfig, tag_ids: dict[str, int], **extra: Any
+) -> None:
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "code_version": code_version(),
+        "base_checkpoints": {"encoder": config.model.encoder.checkpoint, "llm": config.model.llm.checkpoint},
+        "language_tag_ids": tag_ids,
+        **extra,
+        "config": config.to_dict(),
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not an MCAT checkpoint: {CONFIG_FILE} is missing")
+    metadata = json.loads(path.read_text(encoding="utf-8"))
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {metadata.get('format')!r} version {metadata.get('format_version')!r}, "
+            f"expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    return metadata
+
+
+def read_checkpoint_config(directory: str | Path) -> MCATConfig:
+    return from_dict(MCATConfig, read_checkpoint_metadata(directory)["config"], where=f"{directory}/{CONFIG_FILE}: ")
+
+
+def _check_shapes(file: Path, expected: dict[str, torch.Size], what: str) -> None:
+    with safe_open(str(file), framework="pt") as handle:
+        stored = {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    problems = []
+    for key in sorted(set(stored) | set(expected)):
+        if key not in expected:
+            problems.append(f"{key} is in the checkpoint but not in the model")
+        elif key not in stored:
+            problems.append(f"{key} is missing from the checkpoint")
+        elif stored[key] != expected[key]:
+            problems.append(
+                f"{key} has shape {tuple(stored[key])} in the checkpoint but {tuple(expected[key])} in the model"
+            )
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{file} does not fit the {what} built from the base checkpoints: {shown}")
+
+
+def load_trainable_weights(model: MCATModel, tokenizer: Tokenizer, directory: str | Path) -> None:
+    """Load adapter and LoRA weights into a model built with the checkpoint's architecture."""
+    directory = Path(directory)
+    metadata = read_checkpoint_metadata(directory)
+    stored_tags = metadata["language_tag_ids"]
+    if stored_tags != tokenizer.tag_ids:
+        differing = sorted(code for code in set(stored_tags) | set(tokenizer.tag_ids)
+                           if stored_tags.get(code) != tokenizer.tag_ids.get(code))
+        code = differing[0]
+        raise CheckpointError(
+            f"{directory}: language tag ids differ from the base tokenizer's for {len(differing)} languages, "
+            f"e.g. {code}: {stored_tags.get(code)} in the checkpoint, {tokenizer.tag_ids.get(code)} now"
+        )
+    adapter_file = directory / ADAPTER_FILE
+    adapter_expected = {name: tensor.shape for name, tensor in model.adapter.state_dict().items()}
+    _check_shapes(adapter_file, adapter_expected, "speech adapter")
+    lora_file = directory / LORA_DIR / LORA_WEIGHTS_FILE
+    lora_expected = {name: tensor.shape for name, tensor in get_peft_model_state_dict(model.llm, save_embedding_layers=False).items()}
+    _check_shapes(lora_file, lora_expected, "LLM's LoRA")
+    with safe_open(str(adapter_file), framework="pt") as handle:
+        model.adapter.load_state_dict({key: handle.get_tensor(key) for key in handle.keys()})
+    with safe_open(str(lora_file), framework="pt") as handle:
+        result = set_peft_model_state_dict(model.llm, {key: handle.get_tensor(key) for key in handle.keys()})
+    if result.unexpected_keys:
+        raise CheckpointError(f"{lora_file}: weights not used by the model: {sorted(result.unexpected_keys)[:3]}")
+
+
+def load_checkpoint(
+    directory: str | Path, *, encoder_checkpoint: str | None = None, llm_checkpoint: str | None = None
+) -> tuple[MCATModel, Tokenizer, MCATConfig]:
+    """Rebuild the model from the base checkpoints the checkpoint names (or the ones given, when they
+    have moved) and load the trained weights."""
+    config = read_checkpoint_config(directory)
+    if encoder_checkpoint is not None:
+        config.model.encoder.checkpoint = encoder_checkpoint
+    if llm_checkpoint is not None:
+        config.model.llm.checkpoint = llm_checkpoint
+    model, tokenizer = build_model(config)
+    load_trainable_weights(model, tokenizer, directory)
+    return model, tokenizer, config

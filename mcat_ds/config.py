@@ -1,0 +1,315 @@
+"""Typed configuration: one dataclass per concern, composed into :class:`MCATConfig`.
+
+Presets (``mcat_ds.presets``) build an :class:`MCATConfig` in code; users change it with
+``key=value`` overrides (``model.lora.rank=32``) or a JSON/TOML file holding the same nested keys.
+Both reject unknown keys and values of the wrong type, naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Task = Literal["asr", "smt", "srt"]
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen Whisper encoder."""
+
+    checkpoint: str | None = None
+    """Local Whisper checkpoint directory (e.g. whisper-large-v3). Only its encoder is loaded."""
+    architecture: str = "whisper-large-v3"
+    """Built-in architecture used when no checkpoint is given (parameter counts, random tiny models)."""
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+@dataclass
+class AdapterConfig:
+    """Speech adapter: Q-Former over the encoder states, average pooling, MLP, LayerNorm.
+
+    The defaults are the release's "qqm" adapter: a BLIP-2 Q-Former (default config, 8 layers,
+    cross-attention every 2nd layer) with 150 learned queries, pooled by 5 into 30 tokens.
+    """
+
+    num_queries: int = 150
+    hidden_size: int = 768
+    num_layers: int = 8
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_every: int = 2
+    """A layer has cross-attention to the speech when ``layer_index % cross_attention_every == 0``."""
+    pool_stride: int = 5
+    """Queries averaged per speech token; a remainder (num_queries % stride) is dropped."""
+    mlp_hidden_size: int = 2560
+    dropout: float = 0.1
+    """Dropout on the Q-Former's hidden states (BLIP-2's hidden_dropout_prob)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities. BLIP-2 (and so the release) trains with 0.1; the fused
+    kernels have none, so a non-zero value runs cross-attention on the PyTorch path."""
+    layer_norm_eps: float = 1e-12
+    output_norm_eps: float = 1e-5
+    init: Literal["blip2", "torch"] = "blip2"
+    """``blip2``: BLIP-2's N(0, 0.02) for the Q-Former linears; ``torch``: PyTorch's default init."""
+    query_init_std: float = 1.0
+    mask_padding_frames: bool = True
+    """Mask encoder frames past the audio's end in cross-attention. The release passes an all-ones
+    mask (every utterance is padded to 30 s first), so set False to reproduce release checkpoints
+    exactly."""
+
+
+@dataclass
+class LLMConfig:
+    """The language model, tuned with LoRA."""
+
+    checkpoint: str | None = None
+    """Local HF causal-LM directory (Gemma2, Gemma3 text or multimodal, ...)."""
+    architecture: str = "gemmax2-9b"
+    """Built-in architecture used when no checkpoint is given (parameter counts, random tiny models)."""
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    attn_implementation: str = "eager"
+    language_tags: Literal["special", "text"] = "special"
+    """``special``: each ``<|xxx|>`` tag is one new token whose embedding trains; ``text``: tags are
+    ordinary text split by the tokenizer, as in the release (needed to load release checkpoints)."""
+    train_embeddings: Literal["none", "tags", "all"] = "tags"
+    """Which token-embedding rows train (tied with the LM head): none, only the new tag rows, or every
+    row (tiny random models cannot learn with frozen random embeddings)."""
+    speech_scale: Literal["token", "none"] = "token"
+    """How speech embeddings are scaled on entry to the LLM. ``token``: like token embeddings
+    (Gemma multiplies by sqrt(hidden)), as the release did on Gemma2 under transformers 4.x;
+    ``none``: unscaled, as the release did on Gemma3."""
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    languages: str = "L28"
+    """Languages the model serves: a named set (L2/L28/L44/L70), codes ``eng,deu``, or ``@file``."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Prepared webdataset shards (``mcat prepare``); the demo corpus when None."""
+    num_workers: int = 4
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the trainable parameters; the release's values."""
+
+    lr: float = 5e-5
+    warmup_steps: int = 1000
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: keep lr, or decay to ``min_lr_ratio * lr`` by the end of the stage."""
+    min_lr_ratio: float = 0.05
+
+
+@dataclass
+class StageConfig:
+    """One curriculum phase (paper Algorithm 1)."""
+
+    task: Task = "srt"
+    languages: str = "L28"
+    max_per_language: int | None = None
+    """Balanced ASR: at most this many samples per language (seeded choice)."""
+    max_per_direction: int | None = None
+    """Balanced SRT: at most this many samples per translation direction (seeded choice)."""
+    init_from: str | None = None
+    """The stage whose final checkpoint this one starts from (None: from the base models)."""
+    max_steps: int = 1000
+    micro_batch_size: int = 3
+    grad_accum_steps: int = 1
+    save_every: int = 500
+
+
+@dataclass
+class MCATConfig:
+    preset: str = "small-9b"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
+    """Build ``cls`` from a nested dict, as strict as overrides are."""
+    config = cls()
+    apply_mapping(config, values, where=where)
+    return config
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> Any:
+    """Apply ``dotted.key=value`` strings in order; values are parsed by the field's type."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} is not of the form key=value (e.g. model.lora.rank=32)")
+        set_value(config, key.strip(), raw.strip(), parse_text=True)
+    return config
+
+
+def apply_file(config: Any, path: str | Path) -> Any:
+    """Apply a JSON or TOML file of nested keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return apply_mapping(config, values, where=f"{path}: ")
+
+
+def apply_mapping(config: Any, values: dict[str, Any], *, where: str = "", prefix: str = "") -> Any:
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        try:
+            if isinstance(value, dict) and _is_section(config, dotted):
+                apply_mapping(config, value, where=where, prefix=f"{dotted}.")
+            else:
+                set_value(config, dotted, value, parse_text=False)
+        except ConfigError as error:
+            message = str(error)
+            raise ConfigError(message if message.startswith(where) else f"{where}{message}") from None
+    return config
+
+
+def _is_section(config: Any, dotted: str) -> bool:
+    parent, name = _resolve_parent(config, dotted)
+    return dataclasses.is_dataclass(getattr(parent, name))
+
+
+def _resolve_parent(config: Any, dotted: str) -> tuple[Any, str]:
+    """The dataclass holding the last part of ``dotted`` and that part's name."""
+    parts = dotted.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            where = ".".join(parts[:depth]) or "the top level"
+            close = difflib.get_close_matches(part, names, n=3)
+            hint = f"; did you mean {', '.join('.'.join(parts[:depth] + [c]) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}: {where} has {', '.join(names)}{hint}")
+        if depth == len(parts) - 1:
+            return node, part
+        node = getattr(node, part)
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+    raise AssertionError("unreachable")
+
+
+def set_value(config: Any, dotted: str, value: Any, *, parse_text: bool) -> None:
+    parent, name = _resolve_parent(config, dotted)
+    hints = typing.get_type_hints(type(parent))
+    expected = hints[name]
+    if dataclasses.is_dataclass(expected):
+        raise ConfigError(f"config key {dotted!r} is a section; set one of its fields ({dotted}.<field>=...)")
+    setattr(parent, name, _coerce(value, expected, dotted, parse_text))
+
+
+def _coerce(value: Any, expected: Any, key: str, parse_text: bool) -> Any:
+    origin = typing.get_origin(expected)
+    args = typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (parse_text and isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key, parse_text)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_describe(expected)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple:
+        items = value
+        if parse_text and isinstance(value, str):
+            items = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_describe(expected)}), got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(item, args[0], key, parse_text) for item in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values ({_describe(expected)}), got {len(items)}")
+        return tuple(_coerce(item, arg, key, parse_text) for item, arg in zip(items, args))
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if parse_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if parse_text and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if parse_text and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {expected!r}")
+
+
+def _describe(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        args = typing.get_args(expected)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"comma-separated {args[0].__name__} values"
+        return ", ".join(a.__name__ for a in args)
+    return getattr(expected, "__name__", str(expected))

@@ -1,0 +1,133 @@
+"""The MCAT model: frozen Whisper encoder -> speech adapter -> LLM with LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcat_ds.batching import IGNORE_INDEX, LLMBatch
+from mcat_ds.model.adapter import SpeechAdapter
+from mcat_ds.model.encoder import SpeechEncoder
+
+
+@dataclass
+class MCATOutput:
+    loss: torch.Tensor | None
+    """Mean cross-entropy over the label tokens of the batch (fp32)."""
+    logits: torch.Tensor
+    num_label_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    num_beams: int = 1
+    max_new_tokens: int = 256
+    no_repeat_ngram_size: int = 0
+    """The release decodes with 5; 0 is plain greedy/beam search."""
+    length_penalty: float = 1.0
+
+
+class MCATModel(nn.Module):
+    """Plain module: no files, no ranks. Build it with ``mcat_ds.build``.
+
+    ``speech_input_scale`` multiplies the adapter output before it joins the token embeddings as
+    ``inputs_embeds``; the builder sets it so that the speech reaches the first decoder layer with the
+    configured scale whatever the LLM does to ``inputs_embeds`` internally (Gemma2 under
+    transformers 4.x multiplies them by sqrt(hidden); 5.x and Gemma3 scale in the embedding module).
+    """
+
+    def __init__(
+        self,
+        encoder: SpeechEncoder,
+        adapter: SpeechAdapter,
+        llm: nn.Module,
+        *,
+        speech_input_scale: float,
+        mask_padding_frames: bool,
+        pad_token_id: int,
+        eos_token_id: int,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.adapter = adapter
+        self.llm = llm
+        self.speech_input_scale = speech_input_scale
+        self.mask_padding_frames = mask_padding_frames
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+
+    @property
+    def num_speech_tokens(self) -> int:
+        return self.adapter.num_speech_tokens
+
+    def speech_embeddings(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
+        """(B, num_mel_bins, window) log-mel features -> (B, num_speech_tokens, llm_width)."""
+        states, state_lengths = self.encoder(features, feature_lengths)
+        if not self.mask_padding_frames:
+            state_lengths = torch.full_like(state_lengths, states.shape[1])
+        adapter_dtype = self.adapter.queries.dtype
+        return self.adapter(states.to(adapter_dtype), state_lengths) * self.speech_input_scale
+
+    def input_embeddings(self, batch: LLMBatch, speech: torch.Tensor) -> torch.Tensor:
+        tokens = self.llm.get_input_embeddings()(batch.input_ids)
+        expected = speech.shape[0] * speech.shape[1]
+        if int(batch.speech_mask.sum()) != expected:
+            raise ValueError(
+                f"the batch marks {int(batch.speech_mask.sum())} speech positions but the adapter produced "
+                f"{speech.shape[0]} x {speech.shape[1]} speech embeddings"
+            )
+        return tokens.masked_scatter(batch.speech_mask[..., None], speech.to(tokens.dtype))
+
+    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, batch: LLMBatch) -> MCATOutput:
+        embeds = self.input_embeddings(batch, self.speech_embeddings(features, feature_lengths))
+        logits = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits
+        if batch.labels is None:
+            return MCATOutput(None, logits, 0)
+        labels = batch.labels[:, 1:]
+        num_label_tokens = int((labels != IGNORE_INDEX).sum())
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        ) / max(num_label_tokens, 1)
+        return MCATOutput(loss, logits, num_label_tokens)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        features: torch.Tensor,
+        feature_lengths: torch.Tensor,
+        prompts: LLMBatch,
+        options: GenerationOptions = GenerationOptions(),
+    ) -> list[list[int]]:
+        """Batched greedy or beam search from left-padded prompts; the new token ids per sample, up to
+        (not including) the end-of-sequence token."""
+        if bool(prompts.attention_mask[:, -1].eq(0).any()):
+            raise ValueError("generation needs left-padded prompts (collate_examples(..., padding_side='left'))")
+        embeds = self.input_embeddings(prompts, self.speech_embeddings(features, feature_lengths))
+        output = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=prompts.attention_mask,
+            max_new_tokens=options.max_new_tokens,
+            num_beams=options.num_beams,
+            do_sample=False,
+            no_repeat_ngram_size=options.no_repeat_ngram_size,
+            length_penalty=options.length_penalty,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        results = []
+        for row in output.tolist():
+            if self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
+            results.append(row)
+        return results

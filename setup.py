@@ -1,0 +1,25 @@
+from setuptools import setup
+
+# The kernels/ folder installs as `mcat_kernels`: a top-level package named `kernels` would shadow
+# the PyPI package of that name, which transformers probes for hub kernels.
+setup(
+    name="mcat-ds",
+    version="0.1.0",
+    description="DeepSpeed-scaled training of MCAT many-to-many speech-to-text translation models",
+    python_requires=">=3.10",
+    packages=["mcat_ds", "mcat_ds.model", "mcat_kernels"],
+    package_dir={"mcat_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.57",
+        "peft>=0.17",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+    ],
+    extras_require={
+        "comet": ["unbabel-comet", "setuptools<81", "sentencepiece<0.2.3"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["mcat=mcat_ds.cli:main"]},
+)

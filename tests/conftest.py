@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random checkpoints written with save_pretrained, loaded like real ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcat_ds.config import apply_overrides
+from mcat_ds.presets import get_preset
+from mcat_ds.tiny import write_tiny_llm, write_tiny_multimodal_gemma3, write_tiny_whisper
+
+REPO = Path(__file__).resolve().parent.parent
+ANCHORS = Path(os.environ.get("MCAT_ANCHORS", REPO.parent / "shared" / "anchors"))
+
+SENTENCES = [
+    "Will it rain tomorrow?",
+    "Regnet es morgen?",
+    "Il va pleuvoir demain ?",
+    "¿Lloverá mañana?",
+    "Завтра будет дождь?",
+    "明天会下雨吗？",
+    "明日は雨が降りますか？",
+    "هل ستمطر غدا؟",
+    "क्या कल बारिश होगी?",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "whisper": write_tiny_whisper(root / "whisper"),
+        "gemma2": write_tiny_llm(root / "gemma2", SENTENCES * 4, architecture="tiny-gemma2"),
+        "gemma3": write_tiny_llm(root / "gemma3", SENTENCES * 4, architecture="tiny-gemma3"),
+        "gemma3_multimodal": write_tiny_multimodal_gemma3(root / "gemma3_mm", SENTENCES * 4),
+    }
+
+
+@pytest.fixture
+def tiny_config(tiny_dirs):
+    """The tiny preset pointed at the tiny checkpoints, with ``key=value`` overrides."""
+
+    def make(llm: str = "gemma2", *overrides: str):
+        config = get_preset("tiny")
+        config.model.encoder.checkpoint = str(tiny_dirs["whisper"])
+        config.model.llm.checkpoint = str(tiny_dirs[llm])
+        return apply_overrides(config, list(overrides))
+
+    return make
+
+
+def random_features(batch: int, lengths: list[int], seed: int = 0, mel_bins: int = 80, window: int = 500):
+    """Log-mel-like inputs: values in Whisper's range, padding frames at the padded value."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.full((batch, mel_bins, window), -0.6)
+    for row, length in enumerate(lengths):
+        features[row, :, :length] = torch.rand(mel_bins, length, generator=generator) * 2 - 0.6
+    return features, torch.tensor(lengths)
