@@ -18,7 +18,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "comet": ["unbabel-comet", "setuptools<81", "sentencepiece<0.2.3"],
+        # unbabel-comet 2.2.7 needs huggingface-hub<1.0, hence transformers 4.x; saying so up front
+        # keeps pip from backtracking into old COMET releases whose sdists no longer build.
+        "comet": ["unbabel-comet>=2.2.7", "transformers>=4.57,<5", "setuptools<81", "sentencepiece<0.2.3"],
         "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["mcat=mcat_ds.cli:main"]},
