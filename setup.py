@@ -7,8 +7,9 @@ setup(
     version="0.1.0",
     description="DeepSpeed-scaled training of MCAT many-to-many speech-to-text translation models",
     python_requires=">=3.10",
-    packages=["mcat_ds", "mcat_ds.model", "mcat_kernels"],
+    packages=["mcat_ds", "mcat_ds.data", "mcat_ds.model", "mcat_kernels"],
     package_dir={"mcat_kernels": "kernels"},
+    package_data={"mcat_ds.data": ["demo_sentences.tsv"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.57",
@@ -16,6 +17,9 @@ setup(
         "safetensors",
         "tokenizers",
         "numpy",
+        "soundfile",
+        "soxr",
+        "webdataset",
     ],
     extras_require={
         # unbabel-comet 2.2.7 needs huggingface-hub<1.0, hence transformers 4.x; saying so up front

@@ -9,8 +9,10 @@ import sys
 from mcat_ds.config import ConfigError
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, default_preset: str) -> None:
+def _add_config_arguments(parser: argparse.ArgumentParser, default_preset: str, stage: bool = False) -> None:
     parser.add_argument("--preset", default=default_preset, help="tiny, small-9b or large-27b (default: %(default)s)")
+    if stage:
+        parser.add_argument("--stage", required=True, help="curriculum stage, e.g. asr-balanced or srt-balanced")
     parser.add_argument("--config", dest="config_file", help="JSON or TOML file of config overrides")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -21,7 +23,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, default_preset: str) 
 def _resolved_config(args: argparse.Namespace):
     from mcat_ds.presets import resolve_config
 
-    return resolve_config(args.preset, args.config_file, args.overrides)
+    return resolve_config(args.preset, args.config_file, args.overrides, getattr(args, "stage", None))
 
 
 def describe(args: argparse.Namespace) -> int:
@@ -64,6 +66,65 @@ def import_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mcat_ds.data.prepare import ShardLimits, prepare_shards
+    from mcat_ds.data.sources import read_fleurs, read_manifest
+
+    if args.manifest:
+        if not args.audio_root:
+            raise ValueError("--manifest needs --audio-root (the directory its audio paths are relative to)")
+        records = read_manifest(Path(args.manifest), Path(args.audio_root))
+    else:
+        records = read_fleurs(Path(args.fleurs), args.split)
+    limits = ShardLimits(max_bytes=int(args.shard_mb * 1024 * 1024), max_samples=args.shard_samples)
+    report = prepare_shards(records, args.out, max_seconds=args.max_seconds, limits=limits, workers=args.workers)
+    print(f"wrote {report['written']} utterances ({report['hours']:.2f} h) in {len(report['shards'])} shards to {args.out}")
+    if report["skipped"]:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in report["skipped_by_reason"].items())
+        print(f"skipped {report['skipped_count']}: {reasons}; every one is listed in {args.out}/report.json")
+    return 0 if report["written"] else 1
+
+
+def demo_data(args: argparse.Namespace) -> int:
+    from mcat_ds.data.demo import build_demo_data
+
+    print(f"demo corpus shards in {build_demo_data(args.out, workers=args.workers)}")
+    return 0
+
+
+def data_report(args: argparse.Namespace) -> int:
+    from mcat_ds.curriculum import example_selection
+    from mcat_ds.data.plan import count_plan
+    from mcat_ds.data.shards import load_index
+
+    config = _resolved_config(args)
+    selection = example_selection(config)
+    counts = count_plan(load_index(args.data), selection, config.data.seed)
+    if args.json:
+        print(json.dumps({
+            "stage": config.stage.name,
+            "task": selection.task,
+            "languages": {code: {"available": a, "selected": b} for code, (a, b) in counts.languages.items()},
+            "directions": {d: {"available": a, "per_epoch": b} for d, (a, b) in counts.directions.items()},
+            "examples_per_epoch": counts.examples,
+        }, indent=2))
+        return 0
+    caps = f"max {selection.max_per_language} per language" if selection.max_per_language else ""
+    caps += f"max {selection.max_per_direction} per direction" if selection.max_per_direction else ""
+    print(f"stage {config.stage.name}: {selection.task}, {len(selection.languages)} languages{', ' + caps if caps else ''}")
+    print(f"{'language':<10}{'utterances':>12}{'after caps':>12}")
+    for code, (available, selected) in counts.languages.items():
+        print(f"{code:<10}{available:>12}{selected:>12}")
+    if counts.directions:
+        print(f"\n{'direction':<10}{'available':>12}{'per epoch':>12}")
+        for direction, (available, planned) in counts.directions.items():
+            print(f"{direction:<10}{available:>12}{planned:>12}")
+    print(f"\nexamples per epoch: {counts.examples}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcat", description="MCAT many-to-many speech translation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     release_parser.add_argument("--model-pt", required=True, help="the release's model.pt (adapter + LoRA)")
     release_parser.add_argument("--out", required=True, help="checkpoint directory to write")
     release_parser.set_defaults(handler=import_release)
+
+    prepare_parser = commands.add_parser("prepare", help="validate audio and write webdataset shards + report.json")
+    source = prepare_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="JSONL manifest: the release's format or ours (see README)")
+    source.add_argument("--fleurs", help="FLEURS-style folder: <locale>/<split>.tsv and <locale>/audio/<split>/")
+    prepare_parser.add_argument("--audio-root", help="directory the manifest's audio paths are relative to")
+    prepare_parser.add_argument("--split", default="train", help="FLEURS split (default: %(default)s)")
+    prepare_parser.add_argument("--out", required=True, help="output directory (must hold no shards yet)")
+    prepare_parser.add_argument("--max-seconds", type=float, default=30.0,
+                                help="longest usable audio, the encoder's window (default: %(default)s)")
+    prepare_parser.add_argument("--shard-mb", type=float, default=256, help="target shard size (default: %(default)s)")
+    prepare_parser.add_argument("--shard-samples", type=int, default=10_000, help="most samples per shard")
+    prepare_parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    prepare_parser.set_defaults(handler=prepare)
+
+    demo_parser = commands.add_parser("demo-data", help="synthesize the built-in demo corpus with espeak-ng and shard it")
+    demo_parser.add_argument("--out", required=True)
+    demo_parser.add_argument("--workers", type=int, default=None)
+    demo_parser.set_defaults(handler=demo_data)
+
+    report_parser = commands.add_parser("data-report", help="what a curriculum stage will see: counts before and after caps")
+    _add_config_arguments(report_parser, default_preset="small-9b", stage=True)
+    report_parser.add_argument("--data", required=True, help="a prepared shard directory")
+    report_parser.add_argument("--json", action="store_true")
+    report_parser.set_defaults(handler=data_report)
     return parser
 
 
@@ -90,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"mcat {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -129,14 +129,17 @@ class OptimConfig:
 
 @dataclass
 class StageConfig:
-    """One curriculum phase (paper Algorithm 1)."""
+    """One curriculum phase (paper Algorithm 1); ``mcat_ds.curriculum`` defines the stages."""
 
+    name: str = "srt"
     task: Task = "srt"
     languages: str = "L28"
     max_per_language: int | None = None
     """Balanced ASR: at most this many samples per language (seeded choice)."""
     max_per_direction: int | None = None
     """Balanced SRT: at most this many samples per translation direction (seeded choice)."""
+    targets_per_utterance: int = 1
+    """SMT/SRT without a direction cap: target languages drawn per utterance and epoch."""
     init_from: str | None = None
     """The stage whose final checkpoint this one starts from (None: from the base models)."""
     max_steps: int = 1000
@@ -148,6 +151,10 @@ class StageConfig:
 @dataclass
 class MCATConfig:
     preset: str = "small-9b"
+    curriculum: tuple[str, ...] = (
+        "asr-l2", "asr-l28", "asr-l44", "asr-l70", "asr-balanced", "smt", "srt", "srt-balanced",
+    )
+    """The stages this run goes through, in order (``mcat_ds.curriculum.STAGES``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

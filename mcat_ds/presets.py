@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mcat_ds.curriculum import select_stage
 from mcat_ds.config import (
     AdapterConfig,
     ConfigError,
@@ -19,12 +20,15 @@ from mcat_ds.config import (
 )
 
 DEMO_LANGUAGES = "eng,cmn,deu,fra,spa,rus,ara,hin,jpn"
+SMALL_CURRICULUM = ("asr-l2", "asr-l28", "asr-balanced", "smt", "srt", "srt-balanced")
+"""Languages within L28: the L44 and L70 expansion stages would add nothing."""
 
 
 def small_9b() -> MCATConfig:
     """MCAT-Small: whisper-large-v3 + GemmaX2-28-9B, the 28 GemmaX2 languages."""
     return MCATConfig(
         preset="small-9b",
+        curriculum=SMALL_CURRICULUM,
         model=ModelConfig(
             encoder=EncoderConfig(architecture="whisper-large-v3"),
             llm=LLMConfig(architecture="gemmax2-9b", speech_scale="token"),
@@ -55,6 +59,7 @@ def tiny() -> MCATConfig:
     """
     return MCATConfig(
         preset="tiny",
+        curriculum=SMALL_CURRICULUM,
         model=ModelConfig(
             encoder=EncoderConfig(architecture="tiny-whisper", dtype="fp32"),
             adapter=AdapterConfig(
@@ -83,9 +88,14 @@ def get_preset(name: str) -> MCATConfig:
     return PRESETS[name]()
 
 
-def resolve_config(preset: str, config_file: str | None = None, overrides: list[str] | None = None) -> MCATConfig:
-    """Preset, then a JSON/TOML file, then ``key=value`` overrides, each checked strictly."""
+def resolve_config(
+    preset: str, config_file: str | None = None, overrides: list[str] | None = None, stage: str | None = None
+) -> MCATConfig:
+    """Preset, then the curriculum stage, then a JSON/TOML file, then ``key=value`` overrides, each
+    checked strictly."""
     config = get_preset(preset)
+    if stage is not None:
+        select_stage(config, stage)
     if config_file is not None:
         apply_file(config, config_file)
     apply_overrides(config, overrides or [])

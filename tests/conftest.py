@@ -59,3 +59,54 @@ def random_features(batch: int, lengths: list[int], seed: int = 0, mel_bins: int
     for row, length in enumerate(lengths):
         features[row, :, :length] = torch.rand(mel_bins, length, generator=generator) * 2 - 0.6
     return features, torch.tensor(lengths)
+
+
+SMALL_LANGUAGES = ("eng", "deu", "fra", "cmn")
+
+
+def write_small_fleurs(root: Path, sentences: int = 6, split: str = "train") -> Path:
+    """A FLEURS-style folder of noise 'utterances' (0.5-2.5 s, 22.05 kHz) in four languages."""
+    import numpy as np
+    import soundfile
+
+    from mcat_ds.languages import get_language
+
+    rng = np.random.default_rng(0)
+    for code in SMALL_LANGUAGES:
+        folder = root / get_language(code).fleurs
+        (folder / "audio" / split).mkdir(parents=True)
+        rows = []
+        for sentence in range(sentences):
+            name = f"{sentence}.wav"
+            seconds = 0.5 + 2.0 * rng.random()
+            soundfile.write(folder / "audio" / split / name, (0.1 * rng.standard_normal(int(seconds * 22050))).astype("float32"), 22050)
+            text = f"{code} sentence {sentence}"
+            rows.append("\t".join([str(sentence), name, text, text, "x", "0", "MALE"]))
+        (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """Prepared shards of the small FLEURS-style corpus: 24 utterances, 4 languages, 3 shards."""
+    from mcat_ds.data.prepare import ShardLimits, prepare_shards
+    from mcat_ds.data.sources import read_fleurs
+
+    root = tmp_path_factory.mktemp("small_fleurs")
+    fleurs = write_small_fleurs(root / "fleurs")
+    prepare_shards(read_fleurs(fleurs, "train"), root / "shards", max_seconds=5.0,
+                   limits=ShardLimits(max_samples=10), workers=1)
+    return root / "shards"
+
+
+needs_espeak = pytest.mark.skipif(
+    __import__("shutil").which("espeak-ng") is None,
+    reason="espeak-ng (Debian package) is not installed; .ci/run installs it",
+)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    from mcat_ds.data.demo import build_demo_data
+
+    return build_demo_data(tmp_path_factory.mktemp("demo"))

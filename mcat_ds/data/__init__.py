@@ -1,0 +1,1 @@
+"""Data: inputs, audio, shards, stage plans and loading."""

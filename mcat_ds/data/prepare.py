@@ -1,0 +1,169 @@
+"""``mcat prepare``: validate every utterance, write webdataset tar shards, an index and a report.
+
+A prepared dataset directory::
+
+    shard-000000.tar ...   webdataset shards: <key>.flac (16 kHz mono) and <key>.json (metadata)
+    index.jsonl            one line per sample: key, shard, byte ranges, language, seconds,
+                           transcript length, translation languages (no audio, no text)
+    report.json            written / skipped counts per language and direction, hours per language,
+                           and every skipped input with file, line and reason
+
+Nothing that cannot be used is silently lost: each such input is counted and listed in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import tarfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset
+
+from mcat_ds.data.audio import AudioError, check_audio, decode_audio, encode_flac
+from mcat_ds.data.sources import Skipped, Utterance
+
+INDEX_FILE = "index.jsonl"
+REPORT_FILE = "report.json"
+SHARD_PATTERN = "shard-%06d.tar"
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    max_bytes: int = 256 * 1024 * 1024
+    max_samples: int = 10_000
+
+
+def _encode_utterance(job: tuple[Utterance, float]) -> tuple[Utterance, bytes | None, float | str]:
+    """Runs in a worker process: decode, check, re-encode. Returns the FLAC bytes and seconds, or
+    None and the reason the audio cannot be used."""
+    utterance, max_seconds = job
+    if not utterance.audio.is_file():
+        return utterance, None, "missing audio file"
+    try:
+        samples = decode_audio(utterance.audio)
+        seconds = check_audio(samples, max_seconds)
+    except AudioError as error:
+        return utterance, None, str(error)
+    return utterance, encode_flac(samples), seconds
+
+
+def _encoded(jobs: Iterable[tuple[Utterance, float]], workers: int):
+    if workers <= 1:
+        yield from map(_encode_utterance, jobs)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_encode_utterance, jobs, chunksize=4)
+
+
+def _member_ranges(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    ranges: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
+    with tarfile.open(shard) as archive:
+        for member in archive.getmembers():
+            key, _, extension = member.name.partition(".")
+            ranges[key][extension] = (member.offset_data, member.size)
+    return ranges
+
+
+def prepare_shards(
+    records: Iterable[Utterance | Skipped],
+    out: str | Path,
+    *,
+    max_seconds: float = 30.0,
+    limits: ShardLimits = ShardLimits(),
+    workers: int | None = None,
+) -> dict:
+    """Write shards, ``index.jsonl`` and ``report.json`` into ``out`` (which must hold no shards yet)
+    and return the report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if list(out.glob("shard-*.tar")) or (out / INDEX_FILE).exists():
+        raise FileExistsError(f"{out} already holds prepared shards; choose an empty directory")
+    workers = workers or os.cpu_count() or 1
+    skipped: list[Skipped] = []
+    seen: dict[str, Utterance] = {}
+
+    def jobs():
+        for record in records:
+            if isinstance(record, Skipped):
+                skipped.append(record)
+            elif record.key in seen:
+                skipped.append(Skipped(file=str(record.audio), line=record.line, origin=record.origin,
+                                       language=record.language,
+                                       reason=f"duplicate sample key: {record.key} (first from line {seen[record.key].line})"))
+            else:
+                seen[record.key] = record
+                yield record, max_seconds
+
+    metadata: dict[str, dict] = {}
+    with webdataset.ShardWriter(str(out / SHARD_PATTERN), maxcount=limits.max_samples,
+                                maxsize=limits.max_bytes, verbose=0) as writer:
+        for utterance, flac, result in _encoded(jobs(), workers):
+            if flac is None:
+                skipped.append(Skipped(file=str(utterance.audio), line=utterance.line, origin=utterance.origin,
+                                       language=utterance.language, reason=str(result)))
+                continue
+            meta = {
+                "key": utterance.key,
+                "language": utterance.language,
+                "transcript": utterance.transcript,
+                "translations": utterance.translations,
+                "seconds": round(float(result), 4),
+                "source": str(utterance.audio),
+            }
+            writer.write({"__key__": utterance.key, "flac": flac, "json": json.dumps(meta, ensure_ascii=False).encode()})
+            metadata[utterance.key] = meta
+
+    shards = sorted(out.glob("shard-*.tar"))
+    with open(out / INDEX_FILE, "w", encoding="utf-8") as index:
+        for shard in shards:
+            for key, ranges in _member_ranges(shard).items():
+                meta = metadata[key]
+                entry = {
+                    "key": key,
+                    "shard": shard.name,
+                    "audio": list(ranges["flac"]),
+                    "meta": list(ranges["json"]),
+                    "language": meta["language"],
+                    "seconds": meta["seconds"],
+                    "chars": len(meta["transcript"]),
+                    "translations": sorted(meta["translations"]),
+                }
+                index.write(json.dumps(entry) + "\n")
+    report = _report(metadata.values(), skipped, [shard.name for shard in shards])
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return report
+
+
+def _report(written: Iterable[dict], skipped: list[Skipped], shards: list[str]) -> dict:
+    languages: dict[str, dict] = defaultdict(lambda: {"written": 0, "skipped": 0, "hours": 0.0})
+    directions: Counter[str] = Counter()
+    total = 0
+    for meta in written:
+        total += 1
+        entry = languages[meta["language"]]
+        entry["written"] += 1
+        entry["hours"] += meta["seconds"] / 3600
+        for target in meta["translations"]:
+            directions[f"{meta['language']}_{target}"] += 1
+    for item in skipped:
+        if item.language is not None:
+            languages[item.language]["skipped"] += 1
+    for entry in languages.values():
+        entry["hours"] = round(entry["hours"], 4)
+    skipped = sorted(skipped, key=lambda item: (item.origin or item.file, item.line or 0, item.file))
+    reasons = Counter(item.reason.split(":")[0] for item in skipped)
+    return {
+        "written": total,
+        "skipped_count": len(skipped),
+        "skipped_by_reason": dict(sorted(reasons.items())),
+        "hours": round(sum(entry["hours"] for entry in languages.values()), 4),
+        "languages": dict(sorted(languages.items())),
+        "directions": dict(sorted(directions.items())),
+        "shards": shards,
+        "skipped": [item.to_json() for item in skipped],
+    }

@@ -1,0 +1,117 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import webdataset
+
+from mcat_ds.data.audio import decode_audio
+from mcat_ds.data.prepare import ShardLimits, prepare_shards
+from mcat_ds.data.shards import ShardReader, load_index
+from mcat_ds.data.sources import read_manifest
+
+
+def speech_like(seconds: float, rate: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.2 * rng.standard_normal(int(seconds * rate))).astype(np.float32)
+
+
+@pytest.fixture
+def messy_corpus(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for index in range(6):
+        soundfile.write(audio / f"good{index}.wav", speech_like(1 + index / 4, 22050, index), 22050)
+    soundfile.write(audio / "stereo.flac", np.stack([speech_like(1, 44100, 9)] * 2, 1), 44100, format="FLAC")
+    soundfile.write(audio / "silent.wav", np.zeros(16000, np.float32), 16000)
+    soundfile.write(audio / "empty.wav", np.zeros(0, np.float32), 16000)
+    soundfile.write(audio / "long.wav", speech_like(6, 16000, 7), 16000)
+    (audio / "corrupt.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    lines = [{"audio": f"good{i}.wav", "language": "eng", "transcript": f"Sentence {i}.",
+              "translations": {"deu": f"Satz {i}.", "fra": f"Phrase {i}."}} for i in range(6)]
+    lines += [
+        {"prompt": "<|cmn|><|eng|>", "gt": "你好。<|cmn|><|eng|>Hello.", "source": "fleurs_cmn_eng", "audio": "stereo.flac"},
+        {"audio": "silent.wav", "language": "eng", "transcript": "Nothing."},
+        {"audio": "empty.wav", "language": "eng", "transcript": "Nothing."},
+        {"audio": "long.wav", "language": "eng", "transcript": "Too long."},
+        {"audio": "corrupt.wav", "language": "eng", "transcript": "Broken."},
+        {"audio": "missing.wav", "language": "eng", "transcript": "Gone."},
+        {"audio": "good0.wav", "language": "eng", "transcript": "   "},
+        {"audio": "../outside.wav", "language": "eng", "transcript": "Escape."},
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\nnot json\n",
+                        encoding="utf-8")
+    return manifest, audio
+
+
+def test_prepare_writes_shards_index_and_a_full_report(messy_corpus, tmp_path):
+    manifest, audio = messy_corpus
+    out = tmp_path / "shards"
+    report = prepare_shards(read_manifest(manifest, audio), out, max_seconds=5.0,
+                            limits=ShardLimits(max_samples=3), workers=2)
+    assert report["written"] == 7
+    assert report["shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    reasons = {entry.get("line"): entry["reason"] for entry in report["skipped"]}
+    assert reasons[8].startswith("silent audio")
+    assert reasons[9].startswith("empty audio")
+    assert reasons[10].startswith("too long: 6.00 s > 5 s")
+    assert reasons[11].startswith("unreadable audio")
+    assert reasons[12] == "missing audio file"
+    assert reasons[13] == "empty transcript"
+    assert reasons[14].startswith("audio path outside the audio root")
+    assert reasons[15].startswith("malformed manifest line")
+    assert report["skipped_count"] == len(report["skipped"]) == 8
+    by_file = {entry["file"]: entry for entry in report["skipped"]}
+    assert by_file[str(audio / "corrupt.wav")]["manifest"] == str(manifest)
+    assert report["languages"]["eng"] == {"written": 6, "skipped": 7, "hours": pytest.approx(9.75 / 3600, abs=1e-3)}
+    assert report["directions"] == {"cmn_eng": 1, "eng_deu": 6, "eng_fra": 6}
+    assert json.loads((out / "report.json").read_text()) == report
+
+    index = load_index(out)
+    assert len(index) == 7
+    reader = ShardReader(out)
+    by_key = {entry.key: entry for entry in index}
+    stereo = next(entry for entry in index if entry.language == "cmn")
+    assert stereo.translations == ("eng",) and stereo.seconds == pytest.approx(1.0, abs=1e-3)
+    meta = json.loads(reader.read(stereo.shard, stereo.meta))
+    assert meta["transcript"] == "你好。" and meta["translations"] == {"eng": "Hello."}
+    good0 = next(entry for entry in index if json.loads(reader.read(entry.shard, entry.meta))["transcript"] == "Sentence 0.")
+    expected = decode_audio(audio / "good0.wav")
+    np.testing.assert_allclose(decode_audio(reader.read(good0.shard, good0.audio)), expected, atol=1 / 32767)
+
+    # the shards are ordinary webdataset tars
+    streamed = list(webdataset.WebDataset([str(out / name) for name in report["shards"]], shardshuffle=False))
+    assert sorted(sample["__key__"] for sample in streamed) == sorted(by_key)
+    assert all(set(sample) >= {"flac", "json"} for sample in streamed)
+
+
+def test_prepare_refuses_to_mix_with_existing_shards(messy_corpus, tmp_path):
+    manifest, audio = messy_corpus
+    prepare_shards(read_manifest(manifest, audio), tmp_path / "out", max_seconds=5.0, workers=1)
+    with pytest.raises(FileExistsError, match="already holds prepared shards"):
+        prepare_shards(read_manifest(manifest, audio), tmp_path / "out", max_seconds=5.0, workers=1)
+
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, "-m", "mcat_ds.cli", "prepare", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_status_says_whether_anything_was_written(messy_corpus, tmp_path):
+    manifest, audio = messy_corpus
+    result = run_prepare("--manifest", str(manifest), "--audio-root", str(audio), "--out", str(tmp_path / "a"),
+                         "--max-seconds", "5")
+    assert result.returncode == 0, result.stderr
+    assert "wrote 7 utterances" in result.stdout and "skipped 8" in result.stdout
+    nothing = tmp_path / "nothing.jsonl"
+    nothing.write_text(json.dumps({"audio": "missing.wav", "language": "eng", "transcript": "x"}) + "\n")
+    result = run_prepare("--manifest", str(nothing), "--audio-root", str(audio), "--out", str(tmp_path / "b"))
+    assert result.returncode == 1
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["written"] == 0 and report["skipped"] == [
+        {"file": str(audio / "missing.wav"), "reason": "missing audio file", "line": 1, "manifest": str(nothing),
+         "language": "eng"}
+    ]
