@@ -1,6 +1,6 @@
 """Data-path microbenchmark: samples/s of shard reading, decoding, features and the full loader.
 
-    python launch/bench_data.py                      # the demo corpus, 128 mels x 30 s, 4 workers
+    python launch/bench_data.py                      # FLEURS-like lengths (3-25 s), 128 mels x 30 s, 4 workers
     python launch/bench_data.py --data SHARDS --tokenizer /models/GemmaX2-28-9B-v0.1
     python launch/bench_data.py --smoke              # seconds; what the test suite runs
 
@@ -18,8 +18,8 @@ import transformers
 from mcat_ds.benchmarking import append_rows
 from mcat_ds.build import add_language_tags
 from mcat_ds.data.audio import FeatureWindow
-from mcat_ds.data.benchmark import DataBenchConfig, run_data_benchmark, summarize
-from mcat_ds.data.demo import build_demo_data, demo_sentences
+from mcat_ds.data.benchmark import DataBenchConfig, run_data_benchmark, summarize, write_fleurs_like_shards
+from mcat_ds.data.demo import demo_sentences
 from mcat_ds.tiny import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="prepared shards (default: the demo corpus, built on demand)")
+    parser.add_argument("--data", help="prepared shards (default: 200 noise utterances of FLEURS-like lengths)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: a small BPE of the demo corpus)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    data = Path(args.data) if args.data else build_demo_data(scratch / "demo") / "train"
+    data = Path(args.data) if args.data else write_fleurs_like_shards(scratch, count=20 if args.smoke else 200)
     if args.tokenizer:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
     else:

@@ -30,7 +30,7 @@ def test_overrides_are_parsed_by_field_type():
     "override, message",
     [
         ("model.lora.rnak=3", r"unknown config key 'model.lora.rnak'.*did you mean model.lora.rank"),
-        ("modle.lora.rank=3", r"unknown config key 'modle.lora.rank': the top level has preset, model"),
+        ("modle.lora.rank=3", r"unknown config key 'modle.lora.rank': the top level has preset, curriculum, model.*did you mean model\?"),
         ("model.lora.rank=three", r"model.lora.rank: expected an integer, got 'three'"),
         ("optim.lr=fast", r"optim.lr: expected a number"),
         ("model.adapter.mask_padding_frames=maybe", r"expected true or false"),

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 
@@ -21,6 +22,7 @@ from mcat_ds.data.loader import Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import ExampleSelection, plan_epoch
 from mcat_ds.data.shards import ShardReader, load_index
 
+FLEURS_LIKE_SECONDS = (3.0, 25.0)
 SMALL_9B_STEP_SAMPLES_PER_S = 30.0
 """What one GPU's small-9b training step consumes (naive path, one H100)."""
 
@@ -33,6 +35,27 @@ class DataBenchConfig:
     workers: int = 4
     batch_size: int = 8
     min_seconds: float = 3.0
+
+
+def write_fleurs_like_shards(out: Path, count: int = 200, seed: int = 0) -> Path:
+    """Noise utterances with FLEURS-like lengths (uniform 3-25 s), prepared like real data."""
+    import soundfile
+
+    from mcat_ds.data.prepare import prepare_shards
+    from mcat_ds.data.sources import Utterance
+
+    rng = np.random.default_rng(seed)
+    audio = out / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in range(count):
+        seconds = rng.uniform(*FLEURS_LIKE_SECONDS)
+        path = audio / f"{index}.wav"
+        soundfile.write(path, (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), 16000)
+        records.append(Utterance(key=f"eng_{index}", audio=path, language="eng", transcript=f"utterance {index}",
+                                 translations={"deu": f"Äußerung {index}"}))
+    prepare_shards(records, out / "shards", max_seconds=30.0)
+    return out / "shards"
 
 
 def run_data_benchmark(config: DataBenchConfig) -> list[Row]:
@@ -60,7 +83,7 @@ def run_data_benchmark(config: DataBenchConfig) -> list[Row]:
     def read_decode_features() -> int:
         entry = next(cycle)
         samples = decode_audio(reader.read(entry.shard, entry.audio))
-        log_mel(pad_waveforms([samples], config.window)[0])
+        log_mel(*pad_waveforms([samples], config.window))
         return 1
 
     def read_decode_hf_extractor() -> int:

@@ -101,6 +101,7 @@ class Batch:
     """(B, mels, frames) log-mel features when computed in the DataLoader workers."""
     waveforms: torch.Tensor | None
     """(B, window samples) zero-padded audio when features are computed on the model's device."""
+    num_samples: torch.Tensor
     feature_lengths: torch.Tensor
     llm: LLMBatch | None
     """None when every example of the batch was skipped."""
@@ -113,7 +114,7 @@ class Batch:
     def speech_features(self, log_mel: LogMelSpectrogram, device: torch.device | str) -> torch.Tensor:
         if self.features is not None:
             return self.features.to(device)
-        return log_mel.to(device)(self.waveforms.to(device))
+        return log_mel.to(device)(self.waveforms.to(device), self.num_samples)
 
 
 class Collator:
@@ -133,10 +134,11 @@ class Collator:
         if loaded:
             llm = collate_examples([item.tokens for item in loaded], self.num_speech_tokens, self.pad_token_id,
                                    self.padding_side)
-        features = self.log_mel(waveforms) if self.log_mel is not None else None
+        features = self.log_mel(waveforms, num_samples) if self.log_mel is not None else None
         return Batch(
             features=features,
             waveforms=None if features is not None else waveforms,
+            num_samples=num_samples,
             feature_lengths=feature_frames(num_samples),
             llm=llm,
             keys=[item.key for item in loaded],
