@@ -45,6 +45,7 @@ def main() -> None:
     add_language_tags(tokenizer)
     config = DataBenchConfig(
         data=data,
+        workload=f"shards {data}" if args.data else "FLEURS-like 3-25 s",
         tokenizer=tokenizer,
         window=FeatureWindow(80, 500) if args.smoke else FeatureWindow(128, 3000),
         workers=1 if args.smoke else args.workers,

@@ -47,7 +47,8 @@ def code_version() -> dict[str, Any]:
             ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            # benchmark CSVs are results, not code: appending a row must not mark the code dirty
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()
         version.update(git_commit=commit, git_dirty=bool(dirty))

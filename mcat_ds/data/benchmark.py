@@ -30,6 +30,8 @@ SMALL_9B_STEP_SAMPLES_PER_S = 30.0
 @dataclass(frozen=True)
 class DataBenchConfig:
     data: Path
+    workload: str
+    """What the shards hold, for the CSV's shape column (e.g. "FLEURS-like 3-25 s")."""
     tokenizer: object
     window: FeatureWindow = FeatureWindow(128, 3000)
     workers: int = 4
@@ -67,7 +69,7 @@ def run_data_benchmark(config: DataBenchConfig) -> list[Row]:
     log_mel = LogMelSpectrogram(config.window)
     extractor = WhisperFeatureExtractor(feature_size=config.window.num_mel_bins,
                                         chunk_length=round(config.window.seconds))
-    shape = f"{config.window.num_mel_bins} mels x {config.window.seconds:g} s window"
+    shape = f"{config.workload}, {config.window.num_mel_bins} mels x {config.window.seconds:g} s window"
 
     def read() -> int:
         entry = next(cycle)
