@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="DeepSpeed-scaled training of MCAT many-to-many speech-to-text translation models",
     python_requires=">=3.10",
-    packages=["mcat_ds", "mcat_ds.data", "mcat_ds.model", "mcat_kernels"],
+    packages=["mcat_ds", "mcat_ds.data", "mcat_ds.model", "mcat_ds.train", "mcat_kernels"],
     package_dir={"mcat_kernels": "kernels"},
     package_data={"mcat_ds.data": ["demo_sentences.tsv"]},
     install_requires=[
@@ -20,11 +20,16 @@ setup(
         "soundfile",
         "soxr",
         "webdataset",
+        "deepspeed>=0.16",
+        "tensorboard>=2.14",
+        "tqdm",
     ],
     extras_require={
         # unbabel-comet 2.2.7 needs huggingface-hub<1.0, hence transformers 4.x; saying so up front
         # keeps pip from backtracking into old COMET releases whose sdists no longer build.
-        "comet": ["unbabel-comet>=2.2.7", "transformers>=4.57,<5", "setuptools<81", "sentencepiece<0.2.3"],
+        # tensorboard 2.20+ needs protobuf 6, COMET's pin is protobuf<5.
+        "comet": ["unbabel-comet>=2.2.7", "transformers>=4.57,<5", "tensorboard<2.20", "setuptools<81",
+                  "sentencepiece<0.2.3"],
         "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["mcat=mcat_ds.cli:main"]},

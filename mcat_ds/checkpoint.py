@@ -68,15 +68,27 @@ def _replace_directory(staging: Path, final: Path) -> None:
         shutil.rmtree(previous)
 
 
-def save_checkpoint(model: MCATModel, tokenizer: Tokenizer, config: MCATConfig, directory: str | Path) -> Path:
+def save_checkpoint(
+    model: MCATModel,
+    tokenizer: Tokenizer,
+    config: MCATConfig,
+    directory: str | Path,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the trainable weights: the model's own, or ``weights`` (trainable parameter name ->
+    tensor, e.g. the fp32 masters a bf16 engine keeps) where given."""
     final = Path(directory)
     staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    adapter_state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.adapter.state_dict().items()}
+    weights = weights or {}
+    adapter_state = {name: weights.get(f"adapter.{name}", tensor) for name, tensor in model.adapter.state_dict().items()}
+    adapter_state = {name: tensor.detach().cpu().contiguous() for name, tensor in adapter_state.items()}
     save_file(adapter_state, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
-    model.llm.save_pretrained(str(staging / LORA_DIR), save_embedding_layers=False)
+    llm_state = model.llm.state_dict()
+    llm_state.update({name[len("llm."):]: tensor for name, tensor in weights.items() if name.startswith("llm.")})
+    model.llm.save_pretrained(str(staging / LORA_DIR), state_dict=llm_state, save_embedding_layers=False)
     write_checkpoint_metadata(staging, config, tokenizer.tag_ids)
     _replace_directory(staging, final)
     return final

@@ -108,8 +108,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Prepared webdataset shards (``mcat prepare``); the demo corpus when None."""
+    """Prepared training shards (``mcat prepare``); the built-in demo corpus when None."""
+    validation: str | None = None
+    """Prepared held-out shards for the periodic validation loss (the demo's dev split when None and
+    training on the demo corpus)."""
     num_workers: int = 4
+    features: Literal["worker", "device"] = "device"
+    """Where log-mel features are computed: in the DataLoader workers, or batched on the model's device."""
     seed: int = 0
 
 
@@ -123,8 +128,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     schedule: Literal["constant", "cosine"] = "constant"
-    """After warmup: keep lr, or decay to ``min_lr_ratio * lr`` by the end of the stage."""
+    """After warmup: keep lr, or (cosine) decay it to ``min_lr_ratio * lr`` by the end of the stage,
+    starting at ``decay_start`` (a fraction of the stage's steps)."""
     min_lr_ratio: float = 0.05
+    decay_start: float = 0.0
 
 
 @dataclass
@@ -142,10 +149,28 @@ class StageConfig:
     """SMT/SRT without a direction cap: target languages drawn per utterance and epoch."""
     init_from: str | None = None
     """The stage whose final checkpoint this one starts from (None: from the base models)."""
-    max_steps: int = 1000
+    max_steps: int | None = None
+    """Optimizer steps in the stage; None: ``epochs`` passes over the stage's plan."""
+    epochs: float = 1.0
     micro_batch_size: int = 3
+    """Examples per rank per forward pass (the release trained with 3 per GPU)."""
     grad_accum_steps: int = 1
     save_every: int = 500
+    """Optimizer steps between resumable checkpoints."""
+    eval_every: int = 500
+    """Optimizer steps between validation losses (0: never)."""
+
+
+@dataclass
+class RuntimeConfig:
+    """How the stage runs: engine, memory trade-offs, checkpoint retention."""
+
+    engine: str = "zero2_bf16"
+    """A file in ds_configs/ (name without .json) or a path to a DeepSpeed JSON of engine settings."""
+    gradient_checkpointing: bool = True
+    """Recompute the LLM's activations in backward (memory for compute)."""
+    keep_checkpoints: int = 2
+    seed: int = 0
 
 
 @dataclass
@@ -159,6 +184,7 @@ class MCATConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

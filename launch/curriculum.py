@@ -1,0 +1,9 @@
+"""Run every curriculum stage in order, skipping completed ones:
+`deepspeed launch/curriculum.py --run-dir runs/x --preset small-9b [launch/train.py options]`."""
+
+import sys
+
+from mcat_ds.train.run import main
+
+if __name__ == "__main__":
+    sys.exit(main(["--stage", "all", *sys.argv[1:]]))

@@ -1,0 +1,11 @@
+"""Train MCAT curriculum stages: `deepspeed launch/train.py --stage srt --run-dir runs/x --preset small-9b`.
+
+Everything it does lives in mcat_ds.train.run (see its docstring for the options).
+"""
+
+import sys
+
+from mcat_ds.train.run import main
+
+if __name__ == "__main__":
+    sys.exit(main())

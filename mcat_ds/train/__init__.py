@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine around the model, the stage loop, resumable state, logging."""

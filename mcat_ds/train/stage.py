@@ -1,0 +1,310 @@
+"""One curriculum stage under DeepSpeed: build, initialise or resume, train, checkpoint, export.
+
+Layout of a run directory (one per curriculum)::
+
+    RUN/<stage>/metrics.jsonl        one line per optimizer step (step, loss, lr, throughput, ...)
+    RUN/<stage>/tensorboard/         event files
+    RUN/<stage>/checkpoints/         resumable training state (see mcat_ds.train.state)
+    RUN/<stage>/final/               the stage's model in the MCAT checkpoint format; its presence
+                                     marks the stage complete, and the next stage starts from it
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from mcat_ds.build import CheckpointError, build_meta_model, build_model, count_parameters
+from mcat_ds.checkpoint import CONFIG_FILE, load_trainable_weights, save_checkpoint
+from mcat_ds.config import ConfigError, MCATConfig
+from mcat_ds.curriculum import example_selection
+from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram
+from mcat_ds.data.loader import Batch, Collator, ExampleDataset, make_loader
+from mcat_ds.data.plan import deal_to_rank, plan_epoch
+from mcat_ds.data.shards import load_index
+from mcat_ds.model import MCATModel
+from mcat_ds.train.costs import estimate_gpu_memory, peak_flops, step_flops
+from mcat_ds.train.engine import deepspeed_config, learning_rate, make_optimizer
+from mcat_ds.train.monitor import StageMonitor
+from mcat_ds.train.preemption import PREEMPTED_EXIT_CODE, stop_requested
+from mcat_ds.train.state import (
+    full_trainable_state,
+    latest_checkpoint,
+    load_training_state,
+    prime_optimizer_states,
+    save_training_state,
+)
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def complete(self) -> bool:
+        return (self.final / CONFIG_FILE).is_file()
+
+
+def stage_paths(run_dir: Path, stage: str) -> StagePaths:
+    return StagePaths(Path(run_dir) / stage)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def _starting_point(config: MCATConfig, run_dir: Path, init_from: Path | None) -> Path | None:
+    if init_from is not None:
+        if not (Path(init_from) / CONFIG_FILE).is_file():
+            raise CheckpointError(f"--init-from {init_from} is not an MCAT checkpoint (no {CONFIG_FILE})")
+        return Path(init_from)
+    if config.stage.init_from is None:
+        return None
+    previous = stage_paths(run_dir, config.stage.init_from)
+    if not previous.complete:
+        raise StageError(
+            f"stage {config.stage.name} starts from the final checkpoint of stage {config.stage.init_from}, "
+            f"but {previous.final} does not exist: run `--stage {config.stage.init_from}` first "
+            f"(or `--stage all`), or give --init-from PATH"
+        )
+    return previous.final
+
+
+def _check_memory(config: MCATConfig, placement: Placement, zero_stage: int, offload: bool) -> None:
+    """Say before loading 9B/27B weights that they will not fit, and what would."""
+    meta = build_meta_model(config)
+    llm_config = meta.llm.get_base_model().config
+    estimate = estimate_gpu_memory(
+        count_parameters(meta), config, llm_config.hidden_size, llm_config.num_hidden_layers,
+        meta.llm.get_input_embeddings().weight.shape[0], placement.world_size, zero_stage, offload,
+    )
+    total = torch.cuda.get_device_properties(placement.device).total_memory
+    if estimate.total > 0.95 * total:
+        raise StageError(
+            f"{config.preset} needs about {estimate.describe()} per GPU with engine {config.runtime.engine} "
+            f"and micro-batch {config.stage.micro_batch_size}, but {torch.cuda.get_device_name(placement.device)} has "
+            f"{total / 2**30:.1f} GiB. Try --set runtime.engine=zero3 (shards the frozen weights), "
+            f"runtime.engine=zero2_offload, a smaller stage.micro_batch_size with more stage.grad_accum_steps, "
+            f"or runtime.gradient_checkpointing=true"
+        )
+
+
+class _ExampleStream:
+    """Micro-batches across epochs for this rank, from a data position on."""
+
+    def __init__(self, config: MCATConfig, data_dir: Path, entries, tokenizer, window: FeatureWindow,
+                 num_speech_tokens: int, placement: Placement, with_targets: bool = True):
+        self.config, self.data_dir, self.entries = config, data_dir, entries
+        self.tokenizer, self.window, self.placement = tokenizer, window, placement
+        self.selection = example_selection(config)
+        self.collator = Collator(window, num_speech_tokens, tokenizer.pad_token_id,
+                                 features_in_workers=config.data.features == "worker")
+        self.with_targets = with_targets
+
+    def share(self, epoch: int):
+        plan = plan_epoch(self.entries, self.selection, self.config.data.seed, epoch)
+        return deal_to_rank(plan, self.placement.rank, self.placement.world_size)
+
+    def epoch_batches(self, epoch: int, position: int, num_workers: int) -> Iterator[Batch]:
+        dataset = ExampleDataset(self.data_dir, self.entries, self.share(epoch), self.tokenizer, self.window,
+                                 with_targets=self.with_targets)
+        yield from make_loader(dataset, self.collator, self.config.stage.micro_batch_size, position, num_workers)
+
+    def batches(self, epoch: int, position: int, num_workers: int) -> Iterator[tuple[int, int, Batch]]:
+        """(epoch, position after the batch, batch), epoch after epoch."""
+        if not self.share(epoch):
+            raise StageError(f"{self.data_dir}: the stage's plan has fewer examples than the {self.placement.world_size} ranks")
+        while True:
+            for batch in self.epoch_batches(epoch, position, num_workers):
+                position += batch.consumed
+                yield epoch, position, batch
+            epoch, position = epoch + 1, 0
+
+
+def _all_reduce_sum(values: list[float], placement: Placement) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            tensor = tensor.to(placement.device)
+        dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def _forward(engine, model: MCATModel, batch: Batch, log_mel: LogMelSpectrogram, device: torch.device):
+    features = batch.speech_features(log_mel, device)
+    return engine(features, batch.feature_lengths.to(device), batch.llm.to(device))
+
+
+def validation_loss(engine, model: MCATModel, stream: _ExampleStream, log_mel, placement: Placement) -> float:
+    """Token-weighted loss over this rank's share of the held-out data, averaged over ranks."""
+    engine.eval()
+    total, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for batch in stream.epoch_batches(0, 0, 0):
+            if batch.llm is not None:
+                out = _forward(engine, model, batch, log_mel, placement.device)
+                total += out.loss.item() * out.num_label_tokens
+                tokens += out.num_label_tokens
+    engine.train()
+    total, tokens = _all_reduce_sum([total, tokens], placement)
+    return total / max(tokens, 1.0)
+
+
+def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_from: Path | None = None) -> int:
+    """Train one stage to its end (exit code 0) or until preempted (PREEMPTED_EXIT_CODE)."""
+    paths = stage_paths(run_dir, config.stage.name)
+    if paths.complete:
+        return 0
+    if config.data.path is None:
+        raise ConfigError("data.path is not set (prepared shards, or run `mcat demo`)")
+    entries = load_index(config.data.path)
+    selection = example_selection(config)
+    if not plan_epoch(entries, selection, config.data.seed, 0):
+        present = sorted({entry.language for entry in entries})
+        raise StageError(
+            f"stage {config.stage.name} ({selection.task}) selects {', '.join(selection.languages)}, but "
+            f"{config.data.path} holds no usable example for them (its languages: {', '.join(present) or 'none'})"
+        )
+    resume = latest_checkpoint(paths.checkpoints)
+    start = None if resume is not None else _starting_point(config, run_dir, init_from)
+    ds_config = deepspeed_config(config, placement.on_gpu)
+    zero = ds_config.get("zero_optimization", {})
+    if placement.on_gpu:
+        _check_memory(config, placement, zero.get("stage", 0), bool(zero.get("offload_optimizer")))
+
+    torch.manual_seed(config.runtime.seed)  # identical fresh weights on every rank
+    model, tokenizer = build_model(config)
+    if start is not None:
+        load_trainable_weights(model, tokenizer, start)
+    if config.runtime.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(placement.device)
+    optimizer = make_optimizer(model, config, placement.on_gpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    prime_optimizer_states(engine)
+    torch.manual_seed(config.runtime.seed + 1 + placement.rank)  # dropout differs across ranks
+
+    step, epoch, position = 0, 0, 0
+    if resume is not None:
+        state = load_training_state(engine, resume)
+        step, epoch = state.step, state.epoch
+        position = state.positions[placement.rank] if state.world_size == placement.world_size else 0
+    window = FeatureWindow(model.encoder.num_mel_bins, model.encoder.window_frames)
+    log_mel = LogMelSpectrogram(window).to(placement.device)
+    stream = _ExampleStream(config, Path(config.data.path), entries, tokenizer.hf, window,
+                            model.num_speech_tokens, placement)
+    examples_per_step = config.stage.micro_batch_size * config.stage.grad_accum_steps
+    total_steps = config.stage.max_steps or max(1, math.ceil(config.stage.epochs * len(stream.share(0)) / examples_per_step))
+    validation = None
+    if config.data.validation:
+        validation = _ExampleStream(config, Path(config.data.validation), load_index(config.data.validation),
+                                    tokenizer.hf, window, model.num_speech_tokens, placement)
+
+    monitor = StageMonitor(paths.root, config.stage.name, total_steps, step) if placement.leader else None
+    if monitor is not None:
+        origin = f"resumed from {resume}" if resume else (f"from {start}" if start else "from the base models")
+        monitor.message(f"stage {config.stage.name}: {total_steps} steps, {len(stream.share(0))} examples per rank "
+                        f"per epoch, {placement.world_size} ranks, {origin}")
+    counts = count_parameters(model)
+    peak = peak_flops(torch.cuda.get_device_name(placement.device)) if placement.on_gpu else None
+    batches = stream.batches(epoch, position, config.data.num_workers)
+    previous_batch: Batch | None = None
+    exit_code = 0
+    try:
+        while step < total_steps:
+            started = time.perf_counter()
+            lr = learning_rate(config, step, total_steps)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = tokens = samples = llm_tokens = skipped = 0.0
+            for _ in range(config.stage.grad_accum_steps):
+                epoch, position, batch = next(batches)
+                skipped += len(batch.skipped)
+                if monitor is not None:
+                    for item in batch.skipped:
+                        monitor.message(f"skipped {item.key}: {item.reason}")
+                weight = 1.0
+                if batch.llm is None:
+                    # Every example of this micro-batch was unreadable. Ranks must still run the same
+                    # collectives, so redo the previous batch with no weight.
+                    if previous_batch is None:
+                        raise StageError("the first micro-batch of the stage held no readable example")
+                    batch, weight = previous_batch, 0.0
+                out = _forward(engine, model, batch, log_mel, placement.device)
+                engine.backward(out.loss * weight)
+                engine.step()
+                previous_batch = batch
+                loss_sum += out.loss.item() * out.num_label_tokens * weight
+                tokens += out.num_label_tokens * weight
+                samples += len(batch.keys) * weight
+                llm_tokens += int(batch.llm.attention_mask.sum()) * weight
+            step += 1
+            loss_sum, tokens, samples, llm_tokens, skipped = _all_reduce_sum(
+                [loss_sum, tokens, samples, llm_tokens, skipped], placement)
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": step, "loss": loss_sum / max(tokens, 1.0), "lr": lr, "epoch": epoch,
+                "samples": int(samples), "tokens": int(llm_tokens), "samples_per_s": samples / elapsed,
+                "tokens_per_s": llm_tokens / elapsed, "step_seconds": elapsed, "skipped_examples": int(skipped),
+            }
+            if peak is not None:
+                # the encoder runs over its whole window, padding included
+                flops = step_flops(counts, int(llm_tokens), int(samples), model.encoder.window_frames // 2, config,
+                                   model.encoder.width)
+                record["mfu"] = flops / elapsed / (peak * placement.world_size)
+            if validation is not None and config.stage.eval_every and (step % config.stage.eval_every == 0 or step == total_steps):
+                record["val_loss"] = validation_loss(engine, model, validation, log_mel, placement)
+            if monitor is not None:
+                monitor.log(record)
+            preempted = stop_requested()
+            if preempted or (step % config.stage.save_every == 0 and step < total_steps):
+                save_training_state(engine, step, epoch, position, paths.checkpoints, config.to_dict(),
+                                    config.runtime.keep_checkpoints)
+            if preempted:
+                if monitor is not None:
+                    monitor.message(f"stop requested: saved step {step}; exiting with {PREEMPTED_EXIT_CODE} to be requeued")
+                exit_code = PREEMPTED_EXIT_CODE
+                break
+        if exit_code == 0:
+            weights = full_trainable_state(engine)
+            if placement.leader:
+                save_checkpoint(model, tokenizer, config, paths.final, weights=weights)
+                monitor.message(f"stage {config.stage.name} complete: {paths.final}")
+            if dist.is_initialized():
+                dist.barrier()
+    finally:
+        if monitor is not None:
+            monitor.close()
+    return exit_code
