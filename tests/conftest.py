@@ -110,3 +110,21 @@ def demo_shards(tmp_path_factory) -> Path:
     from mcat_ds.data.demo import build_demo_data
 
     return build_demo_data(tmp_path_factory.mktemp("demo"))
+
+
+def deepspeed_training_command(*args: str, ranks: int = 2) -> list[str]:
+    """`deepspeed --num_gpus N launch/train.py ...` on a free port (CPU accelerator without a GPU)."""
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), str(REPO / "launch" / "train.py"), *args]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,101 @@
+"""Real DeepSpeed engines, two CPU ranks: resume after a kill, preemption, stage hand-off."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import deepspeed_training_command, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def train(run_dir, small_shards, *extra, stage="asr-l2", steps=12):
+    return deepspeed_training_command(
+        "--stage", stage, "--preset", "tiny", "--run-dir", str(run_dir), "--data", str(small_shards),
+        "--max-steps", str(steps), "--save-every", "3", "--set", "stage.eval_every=0", *extra,
+    )
+
+
+def run(command, timeout=600):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return result
+
+
+def wait_for(condition, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    raise TimeoutError("condition not met in time")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run(train(run_dir, small_shards))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def test_a_killed_run_resumes_with_the_same_loss_curve(uninterrupted, small_shards, tmp_path):
+    expected = read_metrics(uninterrupted / "asr-l2" / "metrics.jsonl")
+    assert [m["step"] for m in expected] == list(range(1, 13))
+    assert expected[-1]["loss"] < expected[0]["loss"]
+
+    process = subprocess.Popen(train(tmp_path, small_shards), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    metrics = tmp_path / "asr-l2" / "metrics.jsonl"
+    try:
+        wait_for(lambda: metrics.is_file() and len(read_metrics(metrics)) >= 7)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # no chance to save anything
+        process.wait()
+    assert (tmp_path / "asr-l2" / "checkpoints" / "latest").is_file()
+    assert not (tmp_path / "asr-l2" / "final").exists()
+
+    result = run(train(tmp_path, small_shards))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed from" in result.stderr
+    resumed = read_metrics(metrics)
+    assert [m["step"] for m in resumed] == list(range(1, 13))  # each step once
+    for got, want in zip(resumed, expected):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), got["step"]
+        assert got["lr"] == want["lr"] and got["samples"] == want["samples"]
+    final, reference = (load_file(str(d / "asr-l2" / "final" / "adapter.safetensors")) for d in (tmp_path, uninterrupted))
+    for name, tensor in reference.items():
+        assert (final[name] - tensor).abs().max() < 1e-5, name
+
+
+def test_sigusr1_saves_and_exits_for_requeue_then_resumes(small_shards, tmp_path):
+    process = subprocess.Popen(train(tmp_path, small_shards, steps=30), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    metrics = tmp_path / "asr-l2" / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(read_metrics(metrics)) >= 4)
+    ranks = subprocess.run(["pgrep", "-f", f"launch/train.py --local_rank=1 .*{tmp_path}"], capture_output=True,
+                           text=True).stdout.split()
+    assert ranks, "rank 1 not found"
+    os.kill(int(ranks[0]), signal.SIGUSR1)  # one rank hears it; all stop together
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, stderr[-3000:]
+    stopped_at = read_metrics(metrics)[-1]["step"]
+    assert f"saved step {stopped_at}" in stderr
+    assert (tmp_path / "asr-l2" / "checkpoints" / f"step-{stopped_at:08d}" / "COMPLETE").is_file()
+
+    result = run(train(tmp_path, small_shards, steps=30))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [m["step"] for m in read_metrics(metrics)] == list(range(1, 31))
+
+
+def test_next_stage_starts_from_the_previous_final_and_all_skips_done_stages(uninterrupted, small_shards):
+    result = run(train(uninterrupted, small_shards, stage="asr-l28", steps=3))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"from {uninterrupted / 'asr-l2' / 'final'}" in result.stderr
+    result = run(train(uninterrupted, small_shards, stage="srt", steps=3))
+    assert result.returncode == 2 and "run `--stage smt` first" in result.stderr

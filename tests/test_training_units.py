@@ -1,0 +1,111 @@
+"""Trainer pieces that need no process group."""
+
+import json
+
+import pytest
+import torch
+
+from mcat_ds.config import ConfigError
+from mcat_ds.presets import resolve_config
+from mcat_ds.train.distributed import rendezvous_environment
+from mcat_ds.train.engine import RECIPE_KEYS, deepspeed_config, learning_rate
+from mcat_ds.train.monitor import truncate_metrics
+from mcat_ds.train.stage import Placement, StageError, _starting_point, run_stage, stage_paths
+from mcat_ds.train.state import COMPLETE_FILE, LATEST_FILE, _prune, latest_checkpoint
+
+
+def test_engine_files_hold_no_recipe_keys_and_the_recipe_is_injected(tmp_path):
+    config = resolve_config("small-9b", overrides=["stage.micro_batch_size=5", "stage.grad_accum_steps=3",
+                                                    "optim.grad_clip=0.5"])
+    for engine in ("zero2_bf16", "zero2_offload", "zero3"):
+        config.runtime.engine = engine
+        settings = deepspeed_config(config, on_gpu=True)
+        assert settings["train_micro_batch_size_per_gpu"] == 5 and settings["gradient_accumulation_steps"] == 3
+        assert settings["gradient_clipping"] == 0.5 and settings["bf16"]["enabled"]
+    assert deepspeed_config(config, on_gpu=False)["bf16"] == {"enabled": False}
+    bad = tmp_path / "mine.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4,
+                               "optimizer": {"type": "Adam"}}))
+    config.runtime.engine = str(bad)
+    with pytest.raises(ConfigError, match=r"mine.json sets train_micro_batch_size_per_gpu, optimizer: .*stage"):
+        deepspeed_config(config, on_gpu=True)
+    config.runtime.engine = "zero4"
+    with pytest.raises(ConfigError, match=r"unknown engine 'zero4': ds_configs/ has zero2_bf16, zero2_offload, zero3"):
+        deepspeed_config(config, on_gpu=True)
+    assert "gradient_accumulation_steps" in RECIPE_KEYS
+
+
+def test_learning_rate_warmup_constant_and_cosine():
+    config = resolve_config("small-9b", overrides=["optim.lr=1.0", "optim.warmup_steps=10"])
+    assert learning_rate(config, 0, 100) == pytest.approx(0.1)
+    assert learning_rate(config, 9, 100) == pytest.approx(1.0)
+    assert learning_rate(config, 50, 100) == 1.0
+    config.optim.schedule, config.optim.decay_start, config.optim.min_lr_ratio = "cosine", 0.5, 0.1
+    assert learning_rate(config, 49, 100) == 1.0
+    assert learning_rate(config, 75, 100) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(config, 100, 100) == pytest.approx(0.1)
+    assert all(learning_rate(config, s, 100) >= learning_rate(config, s + 1, 100) for s in range(10, 100))
+
+
+def test_a_stage_needs_the_final_checkpoint_of_the_stage_it_starts_from(tmp_path):
+    config = resolve_config("tiny", stage="srt")
+    assert config.stage.init_from == "smt"
+    with pytest.raises(StageError, match=r"starts from the final checkpoint of stage smt.*run `--stage smt` first"):
+        _starting_point(config, tmp_path, None)
+    first = resolve_config("tiny", stage="asr-l2")
+    assert _starting_point(first, tmp_path, None) is None
+    with pytest.raises(Exception, match="is not an MCAT checkpoint"):
+        _starting_point(config, tmp_path, tmp_path / "nowhere")
+    # small-9b skips asr-l44/asr-l70: its balanced ASR starts from asr-l28
+    assert resolve_config("small-9b", stage="asr-balanced").stage.init_from == "asr-l28"
+    assert resolve_config("large-27b", stage="asr-balanced").stage.init_from == "asr-l70"
+
+
+def test_no_data_for_the_stage_languages_is_a_clear_error(small_shards, tmp_path):
+    config = resolve_config("tiny", stage="asr-l28", overrides=[f"data.path={small_shards}", "model.languages=jpn,rus"])
+    with pytest.raises(StageError, match=r"selects jpn, rus, but .* holds no usable example .*its languages: cmn, deu, eng, fra"):
+        run_stage(config, tmp_path, Placement(0, 1, torch.device("cpu")))
+
+
+def make_checkpoint(root, step, complete=True):
+    path = root / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / COMPLETE_FILE).write_text("")
+    return path
+
+
+def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    make_checkpoint(tmp_path, 10)
+    newest = make_checkpoint(tmp_path, 20)
+    make_checkpoint(tmp_path, 30, complete=False)  # killed while writing
+    (tmp_path / LATEST_FILE).write_text("step-00000030")
+    assert latest_checkpoint(tmp_path) == newest
+    (tmp_path / LATEST_FILE).write_text("step-00000010")
+    assert latest_checkpoint(tmp_path).name == "step-00000010"
+    _prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000020", "step-00000030"]
+
+
+def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
+    truncate_metrics(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_rendezvous_from_slurm_or_defaults():
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2",
+             "MASTER_ADDR": "node1", "MASTER_PORT": "29400"}
+    assert rendezvous_environment(slurm) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert rendezvous_environment({"RANK": "0", "WORLD_SIZE": "2"}) == {}
+    single = rendezvous_environment({})
+    assert single["RANK"] == "0" and single["WORLD_SIZE"] == "1" and int(single["MASTER_PORT"]) > 0
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        rendezvous_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_stage_paths():
+    paths = stage_paths("/runs/x", "srt")
+    assert paths.final.as_posix() == "/runs/x/srt/final" and paths.checkpoints.as_posix() == "/runs/x/srt/checkpoints"
