@@ -125,9 +125,25 @@ def data_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    from mcat_ds.demo import run_demo
+
+    extra = [item for override in args.overrides for item in ("--set", override)]
+    return run_demo(args.run_dir, args.ranks, extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcat", description="MCAT many-to-many speech translation")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    demo_main = commands.add_parser(
+        "demo", help="the main job: the whole curriculum on the built-in demo corpus (tiny preset, CPU is enough)"
+    )
+    demo_main.add_argument("--run-dir", required=True, help="where stages, checkpoints and report.json go")
+    demo_main.add_argument("--ranks", type=int, default=None, help="DeepSpeed ranks (default: 2)")
+    demo_main.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="passed to every stage, e.g. --set stage.max_steps=20 for a quick look")
+    demo_main.set_defaults(handler=demo)
 
     describe_parser = commands.add_parser(
         "describe", help="print the resolved config and parameter counts of a preset"

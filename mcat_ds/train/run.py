@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from mcat_ds.data.shards import ShardReader, load_index
 from mcat_ds.presets import get_preset, resolve_config
 from mcat_ds.tiny import write_tiny_llm, write_tiny_whisper
 from mcat_ds.train.distributed import setup_distributed
-from mcat_ds.train.preemption import install_handlers
+from mcat_ds.train.preemption import PREEMPTED_EXIT_CODE, install_handlers
 from mcat_ds.train.stage import Placement, run_stage
 
 DEMO_DATA_DIR = "demo-data"
@@ -113,12 +114,24 @@ def run(args: argparse.Namespace, placement: Placement) -> int:
     return 0
 
 
+PREEMPTION_MARKER_ENV = "MCAT_PREEMPTION_MARKER"
+"""A file to create once a preempted stage's checkpoint is complete (the SLURM script sets it)."""
+
+
+def _leave_preemption_marker(placement: Placement) -> None:
+    marker = os.environ.get(PREEMPTION_MARKER_ENV)
+    _leader_first(placement, lambda: Path(marker).write_text("checkpoint complete\n") if marker else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_handlers()
     placement = setup_distributed()
     try:
-        return run(args, placement)
+        code = run(args, placement)
+        if code == PREEMPTED_EXIT_CODE:
+            _leave_preemption_marker(placement)
+        return code
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as error:
         print(f"rank {placement.rank}: error: {error}", file=sys.stderr)
         return 2
