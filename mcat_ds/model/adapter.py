@@ -27,50 +27,38 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
-class QFormerSelfAttention(nn.Module):
-    """Self-attention among the queries, then dropout, residual add and LayerNorm (post-LN)."""
+class QFormerAttention(nn.Module):
+    """Multi-head attention from the queries, then dropout, residual add and LayerNorm (post-LN).
 
-    def __init__(self, config: AdapterConfig):
+    Self-attention among the queries when ``key_width`` is None; otherwise cross-attention to the
+    valid encoder frames (``key_width`` wide) through the fused, padding-aware kernel entry point.
+    """
+
+    def __init__(self, config: AdapterConfig, key_width: int | None = None):
         super().__init__()
         width = config.hidden_size
         self.num_heads = config.num_heads
         self.attention_dropout = config.attention_dropout
+        self.is_cross = key_width is not None
         self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(key_width or width, width)
+        self.v_proj = nn.Linear(key_width or width, width)
         self.out_proj = nn.Linear(width, width)
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_split_heads(proj(x), self.num_heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        dropout_p = self.attention_dropout if self.training else 0.0
-        attended = _merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p))
-        return self.norm(self.dropout(self.out_proj(attended)) + x)
-
-
-class QFormerCrossAttention(nn.Module):
-    """Queries attend to the valid encoder frames, then dropout, residual add and LayerNorm."""
-
-    def __init__(self, config: AdapterConfig, encoder_width: int):
-        super().__init__()
-        width = config.hidden_size
-        self.num_heads = config.num_heads
-        self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(encoder_width, width)
-        self.v_proj = nn.Linear(encoder_width, width)
-        self.out_proj = nn.Linear(width, width)
-        self.dropout = nn.Dropout(config.dropout)
-        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor, states: torch.Tensor, state_lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: torch.Tensor | None = None,
+                state_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        keys = states if self.is_cross else x
         q = _split_heads(self.q_proj(x), self.num_heads)
-        k = _split_heads(self.k_proj(states), self.num_heads)
-        v = _split_heads(self.v_proj(states), self.num_heads)
+        k = _split_heads(self.k_proj(keys), self.num_heads)
+        v = _split_heads(self.v_proj(keys), self.num_heads)
         dropout_p = self.attention_dropout if self.training else 0.0
-        attended = _merge_heads(qformer_cross_attention(q, k, v, state_lengths, dropout_p=dropout_p))
-        return self.norm(self.dropout(self.out_proj(attended)) + x)
+        if self.is_cross:
+            attended = qformer_cross_attention(q, k, v, state_lengths, dropout_p=dropout_p)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return self.norm(self.dropout(self.out_proj(_merge_heads(attended))) + x)
 
 
 class QFormerFeedForward(nn.Module):
@@ -94,8 +82,8 @@ class QFormerFeedForward(nn.Module):
 class QFormerLayer(nn.Module):
     def __init__(self, config: AdapterConfig, encoder_width: int, has_cross_attention: bool):
         super().__init__()
-        self.self_attn = QFormerSelfAttention(config)
-        self.cross_attn = QFormerCrossAttention(config, encoder_width) if has_cross_attention else None
+        self.self_attn = QFormerAttention(config)
+        self.cross_attn = QFormerAttention(config, key_width=encoder_width) if has_cross_attention else None
         self.ffn = QFormerFeedForward(config)
 
     def attend(self, x: torch.Tensor, states: torch.Tensor, state_lengths: torch.Tensor) -> torch.Tensor:
