@@ -99,3 +99,12 @@ def test_next_stage_starts_from_the_previous_final_and_all_skips_done_stages(uni
     assert f"from {uninterrupted / 'asr-l2' / 'final'}" in result.stderr
     result = run(train(uninterrupted, small_shards, stage="srt", steps=3))
     assert result.returncode == 2 and "run `--stage smt` first" in result.stderr
+
+
+@pytest.mark.parametrize("engine", ["zero3", "zero2_offload"])
+def test_every_engine_file_trains_the_same_curve(engine, uninterrupted, small_shards, tmp_path):
+    result = run(train(tmp_path, small_shards, "--set", f"runtime.engine={engine}"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected = read_metrics(uninterrupted / "asr-l2" / "metrics.jsonl")
+    for got, want in zip(read_metrics(tmp_path / "asr-l2" / "metrics.jsonl"), expected, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (engine, got["step"])

@@ -109,3 +109,30 @@ def test_rendezvous_from_slurm_or_defaults():
 def test_stage_paths():
     paths = stage_paths("/runs/x", "srt")
     assert paths.final.as_posix() == "/runs/x/srt/final" and paths.checkpoints.as_posix() == "/runs/x/srt/checkpoints"
+
+
+def test_memory_check_says_what_does_not_fit_and_what_would():
+    from mcat_ds.train.costs import InsufficientMemoryError, check_memory_fits
+
+    large = resolve_config("large-27b", stage="srt")
+    gib = 2**30
+    with pytest.raises(InsufficientMemoryError, match=r"large-27b needs about \d+\.\d GiB \(frozen weights .*\) per GPU .*A100-40GB has 40.0 GiB.*zero3"):
+        check_memory_fits(large, 8, 2, False, 40 * gib, "A100-40GB")
+    sharded = check_memory_fits(large, 8, 3, False, 40 * gib, "A100-40GB")  # ZeRO-3 shards the 27B weights
+    assert sharded.frozen_weights < 8 * gib
+    small = check_memory_fits(resolve_config("small-9b", stage="srt"), 8, 2, False, 80 * gib, "H100")
+    assert 18 * gib < small.frozen_weights < 21 * gib  # 9.9B frozen parameters in bf16
+    assert small.total < 80 * gib
+
+
+def test_step_flops_count_the_frozen_llm_forward_and_activation_gradients():
+    from mcat_ds.build import ParameterCounts
+    from mcat_ds.train.costs import peak_flops, step_flops
+
+    config = resolve_config("small-9b")
+    counts = ParameterCounts(total=0, trainable=0, encoder=10, adapter=0, llm=1000, lora=0)
+    assert step_flops(counts, llm_tokens=7, samples=0, encoder_frames=1500, config=config, encoder_width=1280) == 4 * 1000 * 7
+    with_speech = step_flops(counts, llm_tokens=0, samples=2, encoder_frames=1500, config=config, encoder_width=1280)
+    kv = 2 * 4 * 1280 * 768  # K and V projections of the 4 cross-attention layers
+    assert with_speech == 2 * 10 * 1500 * 2 + 6 * kv * 1500 * 2
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("CPU") is None

@@ -56,7 +56,9 @@ def _encoded(jobs: Iterable[tuple[Utterance, float]], workers: int):
     if workers <= 1:
         yield from map(_encode_utterance, jobs)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # spawn, not fork: a trainer rank that builds the demo corpus already runs communication threads,
+    # and a forked child can inherit one of their locks held.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield from pool.imap(_encode_utterance, jobs, chunksize=4)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mcat_ds.build import ParameterCounts
+from mcat_ds.build import ParameterCounts, build_meta_model, count_parameters
 from mcat_ds.config import MCATConfig
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -72,3 +72,27 @@ def estimate_gpu_memory(counts: ParameterCounts, config: MCATConfig, llm_width: 
         else llm_layers * 34 * tokens * llm_width
     logits = tokens * vocab * 4 * 2  # fp32 logits and their gradient
     return MemoryEstimate(frozen, trainable, activations, logits)
+
+
+class InsufficientMemoryError(RuntimeError):
+    pass
+
+
+def check_memory_fits(config: MCATConfig, world_size: int, zero_stage: int, offload: bool, device_bytes: int,
+                      device_name: str) -> MemoryEstimate:
+    """The estimate for ``config`` on this device, or an error that says what would fit."""
+    meta = build_meta_model(config)
+    llm_config = meta.llm.get_base_model().config
+    estimate = estimate_gpu_memory(
+        count_parameters(meta), config, llm_config.hidden_size, llm_config.num_hidden_layers,
+        meta.llm.get_input_embeddings().weight.shape[0], world_size, zero_stage, offload,
+    )
+    if estimate.total > 0.95 * device_bytes:
+        raise InsufficientMemoryError(
+            f"{config.preset} needs about {estimate.describe()} per GPU with engine {config.runtime.engine}, "
+            f"{world_size} GPU(s) and micro-batch {config.stage.micro_batch_size}, but {device_name} has "
+            f"{device_bytes / 2**30:.1f} GiB. Try --set runtime.engine=zero3 (shards the frozen weights), "
+            f"runtime.engine=zero2_offload, a smaller stage.micro_batch_size with more stage.grad_accum_steps, "
+            f"or runtime.gradient_checkpointing=true"
+        )
+    return estimate

@@ -67,11 +67,17 @@ def deepspeed_config(config: MCATConfig, on_gpu: bool) -> dict[str, Any]:
     return settings
 
 
-def make_optimizer(model: torch.nn.Module, config: MCATConfig, on_gpu: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: MCATConfig, on_gpu: bool, offloaded: bool) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters only, as one parameter group (weight decay on all of
     them, as the release does). One group also sidesteps DeepSpeed linking ZeRO fragments to the
     optimizer state of only the first group."""
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if offloaded:
+        # States live in CPU memory: DeepSpeed's vectorised CPU Adam steps them there.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(trainable, lr=config.optim.lr, betas=config.optim.betas,
+                                weight_decay=config.optim.weight_decay, adamw_mode=True)
     # DeepSpeed's JIT-built FusedAdam does not build for sm_90a; torch's fused AdamW is as fast.
     return torch.optim.AdamW(trainable, lr=config.optim.lr, betas=config.optim.betas,
                              weight_decay=config.optim.weight_decay, fused=on_gpu)

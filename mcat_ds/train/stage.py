@@ -21,7 +21,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from mcat_ds.build import CheckpointError, build_meta_model, build_model, count_parameters
+from mcat_ds.build import CheckpointError, build_model, count_parameters
 from mcat_ds.checkpoint import CONFIG_FILE, load_trainable_weights, save_checkpoint
 from mcat_ds.config import ConfigError, MCATConfig
 from mcat_ds.curriculum import example_selection
@@ -29,8 +29,7 @@ from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram
 from mcat_ds.data.loader import Batch, Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import deal_to_rank, plan_epoch
 from mcat_ds.data.shards import load_index
-from mcat_ds.model import MCATModel
-from mcat_ds.train.costs import estimate_gpu_memory, peak_flops, step_flops
+from mcat_ds.train.costs import check_memory_fits, peak_flops, step_flops
 from mcat_ds.train.engine import deepspeed_config, learning_rate, make_optimizer
 from mcat_ds.train.monitor import StageMonitor
 from mcat_ds.train.preemption import PREEMPTED_EXIT_CODE, stop_requested
@@ -104,21 +103,8 @@ def _starting_point(config: MCATConfig, run_dir: Path, init_from: Path | None) -
 
 def _check_memory(config: MCATConfig, placement: Placement, zero_stage: int, offload: bool) -> None:
     """Say before loading 9B/27B weights that they will not fit, and what would."""
-    meta = build_meta_model(config)
-    llm_config = meta.llm.get_base_model().config
-    estimate = estimate_gpu_memory(
-        count_parameters(meta), config, llm_config.hidden_size, llm_config.num_hidden_layers,
-        meta.llm.get_input_embeddings().weight.shape[0], placement.world_size, zero_stage, offload,
-    )
-    total = torch.cuda.get_device_properties(placement.device).total_memory
-    if estimate.total > 0.95 * total:
-        raise StageError(
-            f"{config.preset} needs about {estimate.describe()} per GPU with engine {config.runtime.engine} "
-            f"and micro-batch {config.stage.micro_batch_size}, but {torch.cuda.get_device_name(placement.device)} has "
-            f"{total / 2**30:.1f} GiB. Try --set runtime.engine=zero3 (shards the frozen weights), "
-            f"runtime.engine=zero2_offload, a smaller stage.micro_batch_size with more stage.grad_accum_steps, "
-            f"or runtime.gradient_checkpointing=true"
-        )
+    properties = torch.cuda.get_device_properties(placement.device)
+    check_memory_fits(config, placement.world_size, zero_stage, offload, properties.total_memory, properties.name)
 
 
 class _ExampleStream:
@@ -162,19 +148,19 @@ def _all_reduce_sum(values: list[float], placement: Placement) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def _forward(engine, model: MCATModel, batch: Batch, log_mel: LogMelSpectrogram, device: torch.device):
+def _forward(engine, batch: Batch, log_mel: LogMelSpectrogram, device: torch.device):
     features = batch.speech_features(log_mel, device)
     return engine(features, batch.feature_lengths.to(device), batch.llm.to(device))
 
 
-def validation_loss(engine, model: MCATModel, stream: _ExampleStream, log_mel, placement: Placement) -> float:
+def validation_loss(engine, stream: _ExampleStream, log_mel, placement: Placement) -> float:
     """Token-weighted loss over this rank's share of the held-out data, averaged over ranks."""
     engine.eval()
     total, tokens = 0.0, 0.0
     with torch.no_grad():
         for batch in stream.epoch_batches(0, 0, 0):
             if batch.llm is not None:
-                out = _forward(engine, model, batch, log_mel, placement.device)
+                out = _forward(engine, batch, log_mel, placement.device)
                 total += out.loss.item() * out.num_label_tokens
                 tokens += out.num_label_tokens
     engine.train()
@@ -211,9 +197,14 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
     if config.runtime.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(placement.device)
-    optimizer = make_optimizer(model, config, placement.on_gpu)
+    optimizer = make_optimizer(model, config, placement.on_gpu, offloaded=bool(zero.get("offload_optimizer")))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    prime_optimizer_states(engine)
+    window = FeatureWindow(model.encoder.num_mel_bins, model.encoder.window_frames)
+    log_mel = LogMelSpectrogram(window).to(placement.device)
+    stream = _ExampleStream(config, Path(config.data.path), entries, tokenizer.hf, window,
+                            model.num_speech_tokens, placement)
+    priming = next(iter(stream.epoch_batches(0, 0, 0)))
+    prime_optimizer_states(engine, lambda: _forward(engine, priming, log_mel, placement.device).loss * 0.0)
     torch.manual_seed(config.runtime.seed + 1 + placement.rank)  # dropout differs across ranks
 
     step, epoch, position = 0, 0, 0
@@ -221,10 +212,6 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
         state = load_training_state(engine, resume)
         step, epoch = state.step, state.epoch
         position = state.positions[placement.rank] if state.world_size == placement.world_size else 0
-    window = FeatureWindow(model.encoder.num_mel_bins, model.encoder.window_frames)
-    log_mel = LogMelSpectrogram(window).to(placement.device)
-    stream = _ExampleStream(config, Path(config.data.path), entries, tokenizer.hf, window,
-                            model.num_speech_tokens, placement)
     examples_per_step = config.stage.micro_batch_size * config.stage.grad_accum_steps
     total_steps = config.stage.max_steps or max(1, math.ceil(config.stage.epochs * len(stream.share(0)) / examples_per_step))
     validation = None
@@ -262,7 +249,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
                     if previous_batch is None:
                         raise StageError("the first micro-batch of the stage held no readable example")
                     batch, weight = previous_batch, 0.0
-                out = _forward(engine, model, batch, log_mel, placement.device)
+                out = _forward(engine, batch, log_mel, placement.device)
                 engine.backward(out.loss * weight)
                 engine.step()
                 previous_batch = batch
@@ -285,7 +272,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
                                    model.encoder.width)
                 record["mfu"] = flops / elapsed / (peak * placement.world_size)
             if validation is not None and config.stage.eval_every and (step % config.stage.eval_every == 0 or step == total_steps):
-                record["val_loss"] = validation_loss(engine, model, validation, log_mel, placement)
+                record["val_loss"] = validation_loss(engine, validation, log_mel, placement)
             if monitor is not None:
                 monitor.log(record)
             preempted = stop_requested()

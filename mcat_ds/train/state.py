@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (
@@ -68,26 +70,44 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def prime_optimizer_states(engine) -> None:
+def prime_optimizer_states(engine, zero_loss: Callable[[], torch.Tensor]) -> None:
     """Create AdamW's moments now, without changing anything.
 
     AdamW creates its state at the first step, and DeepSpeed links its ZeRO fragments to that state
-    only then; a resumed stage must write saved moments before it steps. One step with zero
-    gradients at learning rate zero creates both (weights, moments and decay stay as they were);
-    the step counters are then set back to zero.
+    only then; a resumed stage must write saved moments before it steps. One step at learning rate
+    zero on ``zero_loss`` (a real forward pass times zero: under ZeRO-3 only a forward gathers the
+    parameters) creates both, leaving weights, moments and decay as they were; the step counters
+    are then set back to zero.
     """
     groups = engine.optimizer.param_groups
     rates = [group["lr"] for group in groups]
     for group in groups:
         group["lr"] = 0.0
-    trainable = [parameter for _, parameter in _trainable(engine.module)]
     for _ in range(engine.gradient_accumulation_steps()):
-        engine.backward(sum(parameter.sum() for parameter in trainable) * 0.0)
+        engine.backward(zero_loss())
         engine.step()
     for group, rate in zip(groups, rates):
         group["lr"] = rate
+    _set_adam_step(engine, 0)
+
+
+def _set_adam_step(engine, step: int) -> None:
     for state in engine.optimizer.optimizer.state.values():
-        state["step"].zero_()
+        if torch.is_tensor(state.get("step")):
+            state["step"].fill_(step)
+        else:  # DeepSpeed's CPU Adam counts in a Python int
+            state["step"] = step
+
+
+def _write_module_parameter(parameter: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set a module parameter's (low-precision) value, gathering it first if ZeRO-3 partitioned it."""
+    if hasattr(parameter, "ds_id"):
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+            if _rank() == 0:
+                parameter.data.copy_(value.to(parameter.dtype))
+    else:
+        with torch.no_grad():
+            parameter.copy_(value.to(parameter.dtype))
 
 
 def full_trainable_state(engine) -> dict[str, torch.Tensor]:
@@ -175,16 +195,14 @@ def load_training_state(engine, checkpoint: Path) -> TrainingState:
         raise ValueError(f"{checkpoint}: no saved weights for {len(missing)} trainable parameters, e.g. {missing[:3]}")
     for name, parameter in trainable:
         value = weights[name]
-        if value.shape != parameter.shape:
-            raise ValueError(f"{checkpoint}: {name} has shape {tuple(value.shape)} there but {tuple(parameter.shape)} now")
-        with torch.no_grad():
-            parameter.copy_(value.to(parameter.dtype))
+        shape = getattr(parameter, "ds_shape", parameter.shape)
+        if value.shape != shape:
+            raise ValueError(f"{checkpoint}: {name} has shape {tuple(value.shape)} there but {tuple(shape)} now")
+        _write_module_parameter(parameter, value.to(parameter.device))
         safe_set_full_fp32_param(parameter, value.to(parameter.device))
         for moment in MOMENTS:
             safe_set_full_optimizer_state(parameter, moments[f"{name}::{moment}"].to(parameter.device), moment)
-    for state in engine.optimizer.optimizer.state.values():
-        if "step" in state:
-            state["step"] = torch.tensor(float(record["adam_step"]), dtype=state["step"].dtype)
+    _set_adam_step(engine, record["adam_step"])
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rng_file = checkpoint / f"rng-rank{_rank():05d}.safetensors"
     if record["world_size"] == world_size and rng_file.is_file():
