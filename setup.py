@@ -23,6 +23,8 @@ setup(
         "deepspeed>=0.16",
         "tensorboard>=2.14",
         "tqdm",
+        "triton>=3.0",  # the adapter's kernels; on CPU they run in its interpreter (tests, --smoke)
+        "matplotlib",  # benchmark plots
     ],
     extras_require={
         # unbabel-comet 2.2.7 needs huggingface-hub<1.0, hence transformers 4.x; saying so up front

@@ -65,3 +65,53 @@ def rate(work: Callable[[], int], min_seconds: float) -> float:
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
             return done / elapsed
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def latest_run(rows: list[dict[str, str]], device: str | None = None) -> list[dict[str, str]]:
+    """The rows of the newest (date, commit) measured on ``device`` (default: the newest run's device),
+    in file order."""
+    if device is not None:
+        rows = [r for r in rows if r["device"] == device]
+    if not rows:
+        return []
+    last = rows[-1]
+    return [r for r in rows if (r["device"], r["date"], r["commit"]) == (last["device"], last["date"], last["commit"])]
+
+
+def plot_times(rows: list[dict[str, str]], path: str | Path, title: str) -> None:
+    """One panel per (benchmark, shape): a horizontal bar of milliseconds per implementation, labelled
+    with its speed-up over the panel's baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["metric"] == "ms"]
+    panels: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for row in timed:
+        panels.setdefault((row["benchmark"], row["shape"]), []).append(row)
+    if not panels:
+        raise ValueError("no timing rows to plot")
+    figure, axes = plt.subplots(len(panels), 1, figsize=(9, 1.2 + 0.45 * sum(len(v) + 2 for v in panels.values())),
+                                squeeze=False)
+    for axis, ((benchmark, shape), panel) in zip(axes[:, 0], panels.items()):
+        names = [r["implementation"] for r in panel]
+        values = [float(r["value"]) for r in panel]
+        bars = axis.barh(range(len(panel)), values, color="#4c72b0")
+        axis.set_yticks(range(len(panel)), names, fontsize=8)
+        axis.invert_yaxis()
+        axis.set_xlabel("ms (lower is better)", fontsize=8)
+        axis.set_title(f"{benchmark}: {shape}", fontsize=8, loc="left")
+        for bar, row in zip(bars, panel):
+            label = f" {float(row['value']):.3g} ms" + (f"  x{float(row['ratio']):.2f}" if row["ratio"] else "")
+            axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=7)
+        axis.set_xlim(0, max(values) * 1.35)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

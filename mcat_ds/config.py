@@ -59,6 +59,11 @@ class AdapterConfig:
     init: Literal["blip2", "torch"] = "blip2"
     """``blip2``: BLIP-2's N(0, 0.02) for the Q-Former linears; ``torch``: PyTorch's default init."""
     query_init_std: float = 1.0
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    """Cross-attention and the pooling epilogue: the Triton kernels (``auto``: on CUDA) or PyTorch."""
+    kv_projection: Literal["varlen", "per_layer"] = "varlen"
+    """``varlen``: the K/V projections of all cross-attention layers as one GEMM over the valid encoder
+    frames only; ``per_layer``: each layer projects every frame of the window, padding included."""
     mask_padding_frames: bool = True
     """Mask encoder frames past the audio's end in cross-attention. The release passes an all-ones
     mask (every utterance is padded to 30 s first), so set False to reproduce release checkpoints

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from conftest import REPO
+from mcat_ds.benchmarking import read_rows
 
 
 def run_script(name: str, *args: str) -> str:
@@ -17,3 +18,24 @@ def test_bench_data_smoke(small_shards):
     out = run_script("bench_data.py", "--smoke", "--data", str(small_shards))
     assert "WhisperFeatureExtractor (baseline)" in out and "DataLoader 1 workers" in out
     assert "samples_per_s" in out
+
+
+def test_bench_kernels_smoke_writes_rows_and_plot(tmp_path):
+    """Every implementation is checked against the reference before it is timed, rows carry ratios to
+    the case's baseline, and the plot is drawn from the CSV. The kernels run in Triton's interpreter."""
+    table = tmp_path / "kernels.csv"
+    out = run_script("bench_kernels.py", "--smoke", "--csv", str(table))
+    assert "appended" in out
+    rows = read_rows(table)
+    implementations = {(r["benchmark"], r["implementation"]) for r in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        for name in ("mcat triton", "sdpa + mask", "eager (Blip2QFormer)"):
+            assert (f"cross-attention {mode}", name) in implementations
+        assert (f"adapter {mode}", "mcat triton kernels, varlen K/V") in implementations
+        baseline = [r for r in rows if r["benchmark"] == f"adapter {mode}" and "reference" in r["implementation"]]
+        assert [float(r["ratio"]) for r in baseline] == [1.0]
+    for row in rows:
+        assert float(row["value"]) > 0 and row["device"] and row["commit"]
+    skipped = {r["implementation"]: float(r["value"]) for r in rows if r["benchmark"] == "padding accounting"}
+    assert 0.3 < skipped["cross-attention K/V bytes and FLOPs, block-skipping kernel"] < 0.7
+    assert (tmp_path / "kernels.png").stat().st_size > 10_000

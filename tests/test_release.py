@@ -43,7 +43,8 @@ def test_import_release_checkpoint(tiny_dirs, tmp_path):
     states, _ = model.encoder(features, lengths)
     all_frames = torch.ones(states.shape[:2], dtype=torch.long)  # what the release passes
     expected = reference_adapter.eval()(states, all_frames) * model.speech_input_scale
-    torch.testing.assert_close(model.speech_embeddings(features, lengths), expected)
+    # fp32 rounding differs (eager vs fused attention, one K/V GEMM vs several): a few 1e-5
+    torch.testing.assert_close(model.speech_embeddings(features, lengths), expected, atol=1e-4, rtol=1e-4)
 
     ids = tokenizer.hf("<|eng|><|deu|>Regnet es morgen?", return_tensors="pt")["input_ids"]
     assert ids.shape[1] > 4  # tags are text here, several tokens each

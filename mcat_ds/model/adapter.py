@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcat_ds.config import AdapterConfig
-from mcat_kernels.cross_attention import qformer_cross_attention
+from mcat_kernels.cross_attention import key_padding_mask, qformer_cross_attention
 from mcat_kernels.layernorm_pool import layernorm_pool
 
 
@@ -31,7 +31,8 @@ class QFormerAttention(nn.Module):
     """Multi-head attention from the queries, then dropout, residual add and LayerNorm (post-LN).
 
     Self-attention among the queries when ``key_width`` is None; otherwise cross-attention to the
-    valid encoder frames (``key_width`` wide) through the fused, padding-aware kernel entry point.
+    valid encoder frames (``key_width`` wide), whose keys and values the adapter projects for all
+    layers at once, through the padding-aware kernel entry point.
     """
 
     def __init__(self, config: AdapterConfig, key_width: int | None = None):
@@ -39,7 +40,7 @@ class QFormerAttention(nn.Module):
         width = config.hidden_size
         self.num_heads = config.num_heads
         self.attention_dropout = config.attention_dropout
-        self.is_cross = key_width is not None
+        self.kernels = config.kernels
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(key_width or width, width)
         self.v_proj = nn.Linear(key_width or width, width)
@@ -47,17 +48,16 @@ class QFormerAttention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, states: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
                 state_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        keys = states if self.is_cross else x
         q = _split_heads(self.q_proj(x), self.num_heads)
-        k = _split_heads(self.k_proj(keys), self.num_heads)
-        v = _split_heads(self.v_proj(keys), self.num_heads)
         dropout_p = self.attention_dropout if self.training else 0.0
-        if self.is_cross:
-            attended = qformer_cross_attention(q, k, v, state_lengths, dropout_p=dropout_p)
-        else:
+        if keys_values is None:
+            k, v = (_split_heads(proj(x), self.num_heads) for proj in (self.k_proj, self.v_proj))
             attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            k, v = (_split_heads(projected, self.num_heads) for projected in keys_values)
+            attended = qformer_cross_attention(q, k, v, state_lengths, dropout_p=dropout_p, implementation=self.kernels)
         return self.norm(self.dropout(self.out_proj(_merge_heads(attended))) + x)
 
 
@@ -86,14 +86,11 @@ class QFormerLayer(nn.Module):
         self.cross_attn = QFormerAttention(config, key_width=encoder_width) if has_cross_attention else None
         self.ffn = QFormerFeedForward(config)
 
-    def attend(self, x: torch.Tensor, states: torch.Tensor, state_lengths: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, keys_values, state_lengths: torch.Tensor) -> torch.Tensor:
         x = self.self_attn(x)
         if self.cross_attn is not None:
-            x = self.cross_attn(x, states, state_lengths)
+            x = self.cross_attn(x, keys_values, state_lengths)
         return x
-
-    def forward(self, x: torch.Tensor, states: torch.Tensor, state_lengths: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.attend(x, states, state_lengths))
 
 
 class SpeechAdapter(nn.Module):
@@ -134,13 +131,36 @@ class SpeechAdapter(nn.Module):
                     nn.init.normal_(module.weight, std=0.02)
                     nn.init.zeros_(module.bias)
 
+    def project_keys_values(self, states: torch.Tensor, state_lengths: torch.Tensor):
+        """Keys and values of every cross-attention layer, (B, T, width) each.
+
+        ``varlen``: one GEMM over the valid frames of all samples (no padding row is projected), for
+        all layers' K and V weights at once; the result is scattered into a (B, T) layout, T the
+        longest utterance of the batch, whose padding rows the attention never reads.
+        """
+        attentions = [layer.cross_attn for layer in self.layers if layer.cross_attn is not None]
+        if self.config.kv_projection == "per_layer":
+            return [(attention.k_proj(states), attention.v_proj(states)) for attention in attentions]
+        longest = int(state_lengths.max())
+        valid = key_padding_mask(state_lengths, longest)
+        frames = states[:, :longest][valid]
+        projections = [proj for attention in attentions for proj in (attention.k_proj, attention.v_proj)]
+        weight = torch.cat([proj.weight for proj in projections])
+        bias = torch.cat([proj.bias for proj in projections])
+        packed = F.linear(frames, weight, bias)
+        padded = packed.new_zeros(states.shape[0], longest, packed.shape[-1]).index_put((valid.nonzero(as_tuple=True)), packed)
+        chunks = padded.split(self.config.hidden_size, dim=-1)
+        return list(zip(chunks[0::2], chunks[1::2]))
+
     def forward(self, states: torch.Tensor, state_lengths: torch.Tensor) -> torch.Tensor:
+        keys_values = iter(self.project_keys_values(states, state_lengths))
         x = self.input_dropout(self.input_norm(self.queries.expand(states.shape[0], -1, -1)))
-        for layer in self.layers[:-1]:
-            x = layer(x, states, state_lengths)
-        last = self.layers[-1]
-        x = last.attend(x, states, state_lengths)
-        norm = last.ffn.norm
-        pooled = layernorm_pool(last.ffn.branch(x), x, norm.weight, norm.bias, norm.eps, self.config.pool_stride)
+        for index, layer in enumerate(self.layers):
+            x = layer.attend(x, next(keys_values) if layer.cross_attn is not None else None, state_lengths)
+            if index < len(self.layers) - 1:
+                x = layer.ffn(x)
+        norm = self.layers[-1].ffn.norm
+        pooled = layernorm_pool(self.layers[-1].ffn.branch(x), x, norm.weight, norm.bias, norm.eps,
+                                self.config.pool_stride, implementation=self.config.kernels)
         return self.output_norm(self.fc2(F.relu(self.fc1(pooled))))
 

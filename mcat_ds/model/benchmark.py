@@ -1,0 +1,310 @@
+"""Microbenchmarks of the speech adapter's kernels, side by side with the baselines they replace.
+
+Everything measured in one run on one timing harness (``triton.testing.do_bench`` on CUDA, the
+median of wall-clock repetitions on CPU) so the ratios compare like with like:
+
+- cross-attention 150 queries x 1500 frames, forward and forward+backward, with (a) every frame
+  valid and (b) FLEURS-like valid lengths (uniform 3-25 s of a 30 s window): ours, PyTorch SDPA
+  (flash where it applies, i.e. without a mask; memory-efficient with the mask) and the eager
+  attention Blip2QFormerModel runs;
+- the whole adapter (Q-Former + pooling + MLP + norm), forward and forward+backward, against the
+  Blip2QFormerModel-based reference, each with FLEURS-like lengths;
+- the work the padding-aware paths skip, counted exactly on the same lengths (device independent).
+
+Each run returns :class:`mcat_ds.benchmarking.Row` s: ``ms`` rows carry the speed-up over the case's
+baseline in ``ratio``; ``GB_per_s`` rows carry the fraction of the device's memory roofline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from mcat_ds.architectures import llm_config, whisper_config
+from mcat_ds.benchmarking import Row
+from mcat_ds.config import AdapterConfig
+from mcat_ds.model.adapter import SpeechAdapter
+from mcat_ds.model.blip2_reference import ReleaseQFormerPoolAdapter
+from mcat_ds.release import release_adapter_state
+from mcat_kernels.cross_attention import cross_attention_reference, key_padding_mask, qformer_cross_attention
+from mcat_kernels.dispatch import interpreter_active
+
+FRAMES_PER_SECOND = 50  # Whisper encoder frames per second of audio
+WINDOW_SECONDS = 30
+FLEURS_SECONDS = (3.0, 25.0)
+
+# Peak HBM bandwidth in GB/s (vendor data sheets), matched against torch.cuda.get_device_name().
+MEMORY_ROOFLINE_GB_PER_S = {
+    "H200": 4800.0,
+    "H100 NVL": 3900.0,
+    "H100 PCIe": 2000.0,
+    "H100": 3350.0,  # SXM5 (reported as "NVIDIA H100 80GB HBM3")
+    "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0,
+    "A100": 1555.0,  # 40 GB parts
+    "L40S": 864.0,
+}
+
+
+def memory_roofline_gb_per_s(device_name: str) -> float | None:
+    for key, peak in MEMORY_ROOFLINE_GB_PER_S.items():  # most specific names first
+        if key in device_name:
+            return peak
+    return None
+
+
+@dataclass(frozen=True)
+class KernelBenchConfig:
+    batch: int = 32
+    heads: int = 12
+    queries: int = 150
+    keys: int = 1500
+    head_dim: int = 64
+    adapter_batch: int = 32
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cuda"
+    triton: bool = True
+    """Time the Triton kernels (compiled on CUDA; on CPU only in the interpreter, for --smoke)."""
+    seed: int = 0
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+
+
+def smoke_config() -> KernelBenchConfig:
+    """Seconds on a CPU, kernels in Triton's interpreter: proves the script runs, measures nothing."""
+    return KernelBenchConfig(batch=2, heads=2, queries=15, keys=60, head_dim=16, adapter_batch=2,
+                             dtype=torch.float32, device="cpu", triton=interpreter_active(),
+                             warmup_ms=0.0, rep_ms=0.0)
+
+
+def fleurs_like_lengths(batch: int, keys: int, generator: torch.Generator) -> torch.Tensor:
+    """Valid encoder frames of utterances drawn uniformly from 3-25 s, scaled to a ``keys``-frame window."""
+    low, high = (s / WINDOW_SECONDS for s in FLEURS_SECONDS)
+    fraction = low + (high - low) * torch.rand(batch, generator=generator)
+    return (fraction * keys).round().clamp(1, keys).long()
+
+
+def timer(config: KernelBenchConfig) -> Callable[..., float]:
+    """``measure(fn, grad_to_none=None) -> ms``: do_bench's median on CUDA, wall-clock median on CPU."""
+    if config.device.startswith("cuda"):
+        import triton.testing
+
+        def measure(fn, grad_to_none=None):
+            return triton.testing.do_bench(fn, warmup=config.warmup_ms, rep=config.rep_ms,
+                                           grad_to_none=grad_to_none, return_mode="median")
+        return measure
+
+    def measure(fn, grad_to_none=None):
+        fn()  # warm-up (allocator, lazy init)
+        times, start = [], time.perf_counter()
+        while len(times) < 3 or (time.perf_counter() - start) * 1e3 < config.rep_ms:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+            for tensor in grad_to_none or ():
+                tensor.grad = None
+        return statistics.median(times)
+    return measure
+
+
+# ---------------------------------------------------------------- cross-attention implementations
+
+def _sdpa_backend(name: str):
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
+
+
+def blip2_eager_attention(q, k, v, key_lengths):
+    """What Blip2QFormerModel's eager attention computes: scores plus an additive mask of the dtype's
+    minimum, softmax in the input dtype, then the weighted sum."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    additive = (~key_padding_mask(key_lengths, k.shape[2])).to(q.dtype) * torch.finfo(q.dtype).min
+    return torch.matmul(scores.add(additive[:, None, None, :]).softmax(-1), v)
+
+
+@dataclass(frozen=True)
+class AttentionImplementation:
+    name: str
+    run: Callable
+    needs_all_valid: bool = False  # computes unmasked attention: same result only when no frame is padding
+    is_sdpa: bool = False
+
+
+def attention_implementations(config: KernelBenchConfig) -> list[AttentionImplementation]:
+    cuda = config.device.startswith("cuda")
+
+    def sdpa(backend: str, masked: bool):
+        def run(q, k, v, lengths):
+            with _sdpa_backend(backend):
+                if masked:
+                    return cross_attention_reference(q, k, v, lengths)
+                return F.scaled_dot_product_attention(q, k, v)
+        return run
+
+    found = []
+    if config.triton:
+        found.append(AttentionImplementation(
+            "mcat triton", lambda q, k, v, lengths: qformer_cross_attention(q, k, v, lengths, implementation="triton")))
+    found += [
+        AttentionImplementation("sdpa flash, no mask" if cuda else "sdpa, no mask",
+                                sdpa("flash" if cuda else "default", False), needs_all_valid=True, is_sdpa=True),
+        AttentionImplementation("sdpa efficient + mask" if cuda else "sdpa + mask",
+                                sdpa("efficient" if cuda else "default", True), is_sdpa=True),
+        AttentionImplementation("eager (Blip2QFormer)", blip2_eager_attention),
+    ]
+    return found
+
+
+def attention_bytes(config: KernelBenchConfig, lengths: torch.Tensor) -> int:
+    """The least HBM traffic of the forward pass: Q and O once, K and V of the valid frames once,
+    the fp32 log-sum-exp. Achieved bandwidth = these bytes / time (for every implementation)."""
+    element = torch.finfo(config.dtype).bits // 8
+    q_or_o = config.batch * config.heads * config.queries * config.head_dim
+    kv = 2 * int(lengths.sum()) * config.heads * config.head_dim
+    return element * (2 * q_or_o + kv) + 4 * config.batch * config.heads * config.queries
+
+
+def bench_cross_attention(config: KernelBenchConfig, measure, device_name: str) -> list[Row]:
+    generator = torch.Generator().manual_seed(config.seed)
+    cases = {
+        "all frames valid": torch.full((config.batch,), config.keys, dtype=torch.long),
+        "FLEURS-like lengths": fleurs_like_lengths(config.batch, config.keys, generator),
+    }
+    shape = f"{config.batch}x{config.heads}h x {config.queries}q x {config.keys}k x {config.head_dim}d {str(config.dtype).split('.')[-1]}"
+    make = lambda n: torch.randn(config.batch, config.heads, n, config.head_dim, generator=generator).to(config.device, config.dtype)  # noqa: E731
+    q, k, v = make(config.queries), make(config.keys), make(config.keys)
+    roofline = memory_roofline_gb_per_s(device_name)
+    rows = []
+    for case, lengths in cases.items():
+        lengths = lengths.to(config.device)
+        all_valid = bool((lengths == config.keys).all())
+        implementations = [i for i in attention_implementations(config) if all_valid or not i.needs_all_valid]
+        expected = cross_attention_reference(q.float(), k.float(), v.float(), lengths)
+        tolerance = 2e-2 if config.dtype != torch.float32 else 1e-4
+        for implementation in implementations:  # a wrong result is never timed
+            got = implementation.run(q, k, v, lengths).float()
+            error = (got - expected).abs().max().item()
+            if error > tolerance:
+                raise AssertionError(f"{implementation.name} differs from the reference by {error:.3g} ({case})")
+        for mode in ("fwd", "fwd+bwd"):
+            times = {}
+            for implementation in implementations:
+                leaves = [t.detach().requires_grad_(mode == "fwd+bwd") for t in (q, k, v)]
+                grad = torch.randn_like(q)
+                if mode == "fwd":
+                    def step(run=implementation.run, leaves=leaves):
+                        with torch.no_grad():
+                            run(*leaves, lengths)
+                else:
+                    def step(run=implementation.run, leaves=leaves, grad=grad):
+                        run(*leaves, lengths).backward(grad)
+                times[implementation.name] = measure(step, grad_to_none=leaves if mode == "fwd+bwd" else None)
+            # the baseline: the fastest SDPA backend that gives the same result in this case
+            baseline = min(times[i.name] for i in implementations if i.is_sdpa)
+            benchmark = f"cross-attention {mode}"
+            for implementation in implementations:
+                ms = times[implementation.name]
+                rows.append(Row(benchmark, f"{shape}, {case}", implementation.name, "ms", ms, baseline / ms))
+                if mode == "fwd":
+                    gb_per_s = attention_bytes(config, lengths) / (ms * 1e-3) / 1e9
+                    rows.append(Row(benchmark, f"{shape}, {case}", implementation.name, "GB_per_s", gb_per_s,
+                                    gb_per_s / roofline if roofline else None))
+    return rows
+
+
+# ---------------------------------------------------------------- the whole adapter
+
+def small_9b_adapter_shapes() -> tuple[AdapterConfig, int, int]:
+    """(adapter config, encoder width, LLM width) of the small-9b preset: whisper-large-v3, GemmaX2-9B."""
+    from mcat_ds.presets import get_preset
+    model = get_preset("small-9b").model
+    return (model.adapter, whisper_config(model.encoder.architecture).d_model,
+            llm_config(model.llm.architecture).hidden_size)
+
+
+def bench_adapter(config: KernelBenchConfig, measure, adapter_config: AdapterConfig,
+                  encoder_width: int, llm_width: int) -> list[Row]:
+    adapter_config = replace(adapter_config, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(config.seed)
+    reference = ReleaseQFormerPoolAdapter(adapter_config, encoder_width, llm_width)
+    state = release_adapter_state({f"encoder_projector.{k}": v for k, v in reference.state_dict().items()})
+    variants = {"Blip2QFormerModel reference (eager)": reference}
+    choices = [("torch", "per_layer"), ("torch", "varlen")]
+    if config.triton:
+        choices += [("triton", "per_layer"), ("triton", "varlen")]
+    for kernels, projection in choices:
+        adapter = SpeechAdapter(replace(adapter_config, kernels=kernels, kv_projection=projection), encoder_width, llm_width)
+        adapter.load_state_dict(state)
+        variants[f"mcat {kernels} kernels, {projection} K/V"] = adapter
+    generator = torch.Generator().manual_seed(config.seed)
+    keys = config.keys if config.keys != 1500 else WINDOW_SECONDS * FRAMES_PER_SECOND
+    lengths = fleurs_like_lengths(config.adapter_batch, keys, generator).to(config.device)
+    states = torch.randn(config.adapter_batch, keys, encoder_width, generator=generator).to(config.device, config.dtype)
+    mask = key_padding_mask(lengths, keys).long()
+    shape = (f"batch {config.adapter_batch} x {keys} frames x {encoder_width} -> {adapter_config.num_layers} layers x "
+             f"{adapter_config.hidden_size} -> {llm_width}, FLEURS-like lengths, {str(config.dtype).split('.')[-1]}")
+    expected = None
+    rows = []
+    for name, module in variants.items():
+        module.to(config.device, config.dtype).eval()
+        run = (lambda m=module: m(states, mask)) if module is reference else (lambda m=module: m(states, lengths))
+        with torch.no_grad():
+            out = run().float()
+        if expected is None:
+            expected = out
+        else:
+            error = ((out - expected).abs().max() / expected.abs().max()).item()
+            if error > (5e-2 if config.dtype != torch.float32 else 1e-4):
+                raise AssertionError(f"{name} differs from the reference adapter by {error:.3g} (relative)")
+    baseline = {}
+    for mode in ("fwd", "fwd+bwd"):
+        for name, module in variants.items():
+            run = (lambda m=module: m(states, mask)) if module is reference else (lambda m=module: m(states, lengths))
+            params = [p for p in module.parameters()]
+            if mode == "fwd":
+                def step(run=run):
+                    with torch.no_grad():
+                        run()
+            else:
+                def step(run=run):
+                    run().float().square().mean().backward()
+            ms = measure(step, grad_to_none=params if mode == "fwd+bwd" else None)
+            baseline.setdefault(mode, ms)
+            rows.append(Row(f"adapter {mode}", shape, name, "ms", ms, baseline[mode] / ms))
+    return rows
+
+
+# ---------------------------------------------------------------- work skipped, counted
+
+def padding_accounting(config: KernelBenchConfig, adapter_config: AdapterConfig, encoder_width: int,
+                       samples: int = 10_000) -> list[Row]:
+    """Fractions of the dense work that the padding-aware paths do, on FLEURS-like lengths (exact counts
+    over ``samples`` draws; device independent). The attention kernel reads K/V in blocks of 64 frames."""
+    generator = torch.Generator().manual_seed(config.seed)
+    window = WINDOW_SECONDS * FRAMES_PER_SECOND
+    lengths = fleurs_like_lengths(samples, window, generator)
+    block = 64
+    read = (torch.div(lengths + block - 1, block, rounding_mode="floor") * block).clamp(max=window)
+    cross_layers = len(range(0, adapter_config.num_layers, adapter_config.cross_attention_every))
+    shape = f"FLEURS-like 3-25 s in a {WINDOW_SECONDS} s window ({window} frames), {samples} draws"
+    dense = samples * window
+    rows = [
+        Row("padding accounting", shape, "cross-attention K/V bytes and FLOPs, block-skipping kernel", "fraction_of_dense",
+            int(read.sum()) / dense),
+        Row("padding accounting", shape, f"K/V projection FLOPs, varlen ({cross_layers} layers in one GEMM)",
+            "fraction_of_dense", int(lengths.sum()) / dense),
+        Row("padding accounting", shape, "K/V projection GFLOP per utterance, per-layer padded", "GFLOP",
+            2 * 2 * cross_layers * window * encoder_width * adapter_config.hidden_size / 1e9),
+        Row("padding accounting", shape, "K/V projection GFLOP per utterance, varlen", "GFLOP",
+            2 * 2 * cross_layers * float(lengths.float().mean()) * encoder_width * adapter_config.hidden_size / 1e9),
+    ]
+    return rows
