@@ -132,6 +132,52 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(args.run_dir, args.ranks, extra)
 
 
+def translate(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from mcat_ds.checkpoint import load_checkpoint
+    from mcat_ds.inference import TranslateConfig
+    from mcat_ds.inference import translate as run_translation
+
+    data = Path(args.data)
+    if data.is_file():  # a manifest: shard it once next to the output, then read the shards
+        from mcat_ds.data.prepare import prepare_shards
+        from mcat_ds.data.shards import INDEX_FILE
+        from mcat_ds.data.sources import read_manifest
+
+        shards = Path(args.out).with_name(Path(args.out).name + ".shards")
+        if not (shards / INDEX_FILE).is_file():
+            if not args.audio_root:
+                raise ValueError("a manifest needs --audio-root (the directory its audio paths are relative to)")
+            prepare_shards(read_manifest(data, Path(args.audio_root)), shards)
+        data = shards
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    barrier = None
+    if world_size > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        barrier = dist.barrier
+    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, encoder_checkpoint=args.encoder_checkpoint,
+                                          llm_checkpoint=args.llm_checkpoint)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    model.to(device=device, dtype=dtype).eval()
+    config = TranslateConfig(task=args.task, directions=args.directions, batch=args.batch, beams=args.beams,
+                             max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                             decoder=args.decoder)
+    summary = run_translation(model, tokenizer, data, args.out, config, rank=rank, world_size=world_size, barrier=barrier)
+    if rank == 0:
+        print(f"mcat translate: {summary.written} new outputs ({summary.already_done} already there) of "
+              f"{summary.requests} requests in {summary.seconds:.1f} s; {summary.utterances_encoded} utterances encoded; "
+              f"{len(summary.skipped_audio)} skipped audio; {summary.srt_malformed} malformed SRT outputs -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcat", description="MCAT many-to-many speech translation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("--data", required=True, help="a prepared shard directory")
     report_parser.add_argument("--json", action="store_true")
     report_parser.set_defaults(handler=data_report)
+
+    translate_parser = commands.add_parser("translate", help="batched ASR / SMT / SRT of prepared shards into JSONL")
+    translate_parser.add_argument("--checkpoint", required=True, help="an MCAT checkpoint directory")
+    translate_parser.add_argument("--data", required=True, help="prepared shards (a directory) or a manifest (a file)")
+    translate_parser.add_argument("--audio-root", help="for a manifest: the directory its audio paths are relative to")
+    translate_parser.add_argument("--task", choices=("srt", "asr", "smt"), default="srt")
+    translate_parser.add_argument("--out", required=True, help="JSONL output; re-running skips ids already in it")
+    translate_parser.add_argument("--directions", default="all", help="all, eng-x, x-eng or SRC-TGT,... (x: any)")
+    translate_parser.add_argument("--batch", type=int, default=50, help="requests decoded together")
+    translate_parser.add_argument("--beams", type=int, default=1, help="1: the fast greedy decoder; more: beam search")
+    translate_parser.add_argument("--max-new-tokens", type=int, default=256)
+    translate_parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="the release decodes with 5")
+    translate_parser.add_argument("--decoder", choices=("fast", "hf"), default="fast",
+                                  help="fast: KV-cache greedy loop; hf: transformers generate")
+    translate_parser.add_argument("--device", help="default: this rank's GPU, else CPU")
+    translate_parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
+    translate_parser.add_argument("--encoder-checkpoint", help="the Whisper checkpoint, if it moved since training")
+    translate_parser.add_argument("--llm-checkpoint", help="the LLM checkpoint, if it moved since training")
+    translate_parser.set_defaults(handler=translate)
     return parser
 
 

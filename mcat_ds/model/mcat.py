@@ -111,9 +111,15 @@ class MCATModel(nn.Module):
     ) -> list[list[int]]:
         """Batched greedy or beam search from left-padded prompts; the new token ids per sample, up to
         (not including) the end-of-sequence token."""
+        return self.generate_from_speech(self.speech_embeddings(features, feature_lengths), prompts, options)
+
+    @torch.no_grad()
+    def generate_from_speech(self, speech: torch.Tensor, prompts: LLMBatch,
+                             options: GenerationOptions = GenerationOptions()) -> list[list[int]]:
+        """``generate`` from speech embeddings already computed (one utterance can serve many prompts)."""
         if bool(prompts.attention_mask[:, -1].eq(0).any()):
             raise ValueError("generation needs left-padded prompts (collate_examples(..., padding_side='left'))")
-        embeds = self.input_embeddings(prompts, self.speech_embeddings(features, feature_lengths))
+        embeds = self.input_embeddings(prompts, speech)
         output = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=prompts.attention_mask,
