@@ -178,6 +178,19 @@ def translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from mcat_ds.evaluate import evaluate as run_evaluation
+
+    results = run_evaluation(args.hyps, args.out, comet_model=args.comet_model, spm=args.spm, compare=args.compare,
+                             comet_batch=args.comet_batch)
+    computed = [m for m in ("spbleu", "chrf", "comet", "wer") if any(getattr(r, m) is not None for r in results)]
+    print(f"mcat evaluate: {len(results)} directions ({', '.join(computed)}) -> {args.out}/directions.csv, summary.md"
+          + (", heatmap.png" if any(m != "wer" for m in computed) else ""))
+    if not args.spm:
+        print("mcat evaluate: no --spm given, so no spBLEU (pass the FLORES-200 SentencePiece model file)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcat", description="MCAT many-to-many speech translation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     translate_parser.add_argument("--encoder-checkpoint", help="the Whisper checkpoint, if it moved since training")
     translate_parser.add_argument("--llm-checkpoint", help="the LLM checkpoint, if it moved since training")
     translate_parser.set_defaults(handler=translate)
+
+    evaluate_parser = commands.add_parser("evaluate", help="spBLEU, chrF++, COMET, WER/CER per direction; tables, heat map")
+    evaluate_parser.add_argument("--hyps", required=True, help="the JSONL of mcat translate")
+    evaluate_parser.add_argument("--out", required=True, help="directory for directions.csv, summary.md, heatmap.png")
+    evaluate_parser.add_argument("--comet-model", help="local COMET checkpoint folder (e.g. wmt22-comet-da)")
+    evaluate_parser.add_argument("--spm", help="the FLORES-200 SentencePiece model file, for spBLEU")
+    evaluate_parser.add_argument("--compare", help="published per-direction scores (CSV with iso3, spbleu, comet)")
+    evaluate_parser.add_argument("--comet-batch", type=int, default=64)
+    evaluate_parser.set_defaults(handler=evaluate)
     return parser
 
 

@@ -130,6 +130,10 @@ def _cache_argument(llm) -> str:
     return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
 
+def _returned_cache(output):
+    return output.cache if "cache" in output.keys() else output.past_key_values
+
+
 @torch.no_grad()
 def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
                   no_repeat_ngram_size: int = 0, counters: DecodeCounters | None = None) -> list[list[int]]:
@@ -140,7 +144,7 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor, max_n
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
               use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = _returned_cache(out), out.logits[:, -1]
     rows = torch.arange(batch, device=embeds.device)  # which original row each live row is
     results: list[list[int]] = [[] for _ in range(batch)]
     positions = position_ids[:, -1:]
@@ -167,7 +171,7 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor, max_n
         positions = positions + 1
         out = llm(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions,
                   use_cache=True, **{_cache_argument(llm): cache})
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = _returned_cache(out), out.logits[:, -1]
         counters.decode_steps += 1
         counters.token_rows += tokens.shape[0]
     return results

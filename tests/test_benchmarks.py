@@ -39,3 +39,13 @@ def test_bench_kernels_smoke_writes_rows_and_plot(tmp_path):
     skipped = {r["implementation"]: float(r["value"]) for r in rows if r["benchmark"] == "padding accounting"}
     assert 0.3 < skipped["cross-attention K/V bytes and FLOPs, block-skipping kernel"] < 0.7
     assert (tmp_path / "kernels.png").stat().st_size > 10_000
+
+
+def test_bench_inference_smoke_counts_encoder_passes_and_matches_hf(tmp_path):
+    table = tmp_path / "inference.csv"
+    run_script("bench_inference.py", "--smoke", "--csv", str(table))
+    values = {(r["implementation"], r["metric"]): float(r["value"]) for r in read_rows(table)}
+    assert values[("HF generate, encoder per request (release)", "encoder_passes_per_utterance")] == 3
+    assert values[("mcat translate path", "encoder_passes_per_utterance")] == 1
+    assert values[("mcat translate path", "outputs_identical_to_hf_fraction")] == 1.0
+    assert values[("mcat translate path", "seconds")] > 0

@@ -1,0 +1,373 @@
+"""Scores of ``mcat translate`` outputs per direction: ``mcat evaluate``.
+
+Per direction (``src_tgt``; ASR outputs per source language):
+- spBLEU: sacrebleu BLEU over SentencePiece pieces of the FLORES-200 model given as ``--spm`` (what
+  sacrebleu's ``tokenize="flores200"`` does, without its download);
+- chrF++: sacrebleu chrF with word order 2;
+- COMET: unbabel-comet from a local checkpoint (wmt22-comet-da), src = reference transcript, mt =
+  hypothesis, ref = reference translation, as the release scores it; x100 like its published CSV;
+- WER / CER (jiwer) of the transcripts: ASR hypotheses, and the transcript half of SRT outputs.
+
+Writes into the output directory:
+- ``directions.csv``: ``iso3,n,spbleu,chrf,comet,wer,cer`` (empty where not computed);
+- ``sentences.jsonl``: sentence-level scores (COMET, chrF++), so that a later run reuses COMET
+  scores of unchanged hypotheses and can add a metric without recomputing the others;
+- ``summary.md``: the paper's summaries (Table VI: X->eng, eng->X, X->Y averages; Table VIII: each
+  language as source and as target) and, with ``--compare``, ours beside the published scores;
+- ``heatmap.png``: the source x target matrix of COMET (or spBLEU, or chrF++), Figure 5 style;
+- ``compare.csv`` with ``--compare``: per direction, ours, published and the difference.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcat_ds.languages import LANGUAGES
+
+DIRECTION_COLUMNS = ("iso3", "n", "spbleu", "chrf", "comet", "wer", "cer")
+LANGUAGE_ORDER = {language.code: position for position, language in enumerate(LANGUAGES)}
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass
+class Hypothesis:
+    id: str
+    src: str
+    tgt: str | None
+    hyp: str
+    ref: str | None
+    src_ref: str | None
+    hyp_transcript: str | None
+
+    @property
+    def direction(self) -> str:
+        return self.src if self.tgt is None else f"{self.src}_{self.tgt}"
+
+    def cache_key(self) -> str:
+        text = "\x1f".join(str(part) for part in (self.id, self.hyp, self.ref, self.src_ref))
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def read_hypotheses(path: str | Path) -> list[Hypothesis]:
+    """The JSONL of ``mcat translate``; a damaged line names its file and line number."""
+    path = Path(path)
+    hypotheses = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                hypotheses.append(Hypothesis(
+                    id=str(record["id"]), src=record["src"], tgt=record.get("tgt"), hyp=record["hyp"] or "",
+                    ref=record.get("ref"), src_ref=record.get("src_ref"), hyp_transcript=record.get("hyp_transcript"),
+                ))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise EvaluationError(f"{path}:{number}: not a translate output line ({error!r})") from None
+    if not hypotheses:
+        raise EvaluationError(f"{path} holds no hypotheses")
+    return hypotheses
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class SpBLEU:
+    """sacrebleu BLEU over SentencePiece pieces, as ``tokenize="flores200"`` computes it."""
+
+    def __init__(self, model_file: str | Path):
+        import sentencepiece
+
+        if not Path(model_file).is_file():
+            raise EvaluationError(f"--spm {model_file}: no such SentencePiece model file")
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+
+    def pieces(self, text: str) -> str:
+        return " ".join(self.processor.encode(text, out_type=str))
+
+    def corpus(self, hyps: Sequence[str], refs: Sequence[str]) -> float:
+        import sacrebleu
+
+        return sacrebleu.corpus_bleu([self.pieces(h) for h in hyps], [[self.pieces(r) for r in refs]],
+                                     tokenize="none").score
+
+
+def chrf_plus_plus(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    from sacrebleu.metrics import CHRF
+
+    return CHRF(word_order=2).corpus_score(list(hyps), [list(refs)]).score
+
+
+def sentence_chrf(hyp: str, ref: str) -> float:
+    from sacrebleu.metrics import CHRF
+
+    return CHRF(word_order=2).sentence_score(hyp, [ref]).score
+
+
+def error_rates(hyps: Sequence[str], refs: Sequence[str]) -> tuple[float, float]:
+    """(WER, CER) in percent over the corpus (jiwer)."""
+    import jiwer
+
+    pairs = [(h, r) for h, r in zip(hyps, refs) if r and r.strip()]
+    if not pairs:
+        return math.nan, math.nan
+    hyp_list, ref_list = [h for h, _ in pairs], [r for _, r in pairs]
+    return 100 * jiwer.wer(ref_list, hyp_list), 100 * jiwer.cer(ref_list, hyp_list)
+
+
+def comet_scores(model_path: str | Path, triples: list[tuple[str, str, str]], batch_size: int = 64) -> list[float]:
+    """Segment scores (0-1) of (src, mt, ref) triples with a local COMET checkpoint."""
+    try:
+        from comet import load_from_checkpoint
+    except ImportError as error:
+        raise EvaluationError(f"COMET needs unbabel-comet: pip install -e '.[comet]' ({error})") from None
+    import torch
+
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "model.ckpt"
+    if not path.is_file():
+        raise EvaluationError(f"--comet-model {model_path}: expected a COMET folder with checkpoints/model.ckpt")
+    model = load_from_checkpoint(str(path), local_files_only=True)
+    samples = [{"src": s, "mt": m, "ref": r} for s, m, r in triples]
+    output = model.predict(samples, batch_size=batch_size, gpus=1 if torch.cuda.is_available() else 0,
+                           progress_bar=False)
+    return [float(score) for score in output.scores]
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class DirectionScores:
+    iso3: str
+    n: int
+    spbleu: float | None = None
+    chrf: float | None = None
+    comet: float | None = None
+    wer: float | None = None
+    cer: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _load_sentence_cache(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    cache = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            cache[record["key"]] = record
+    return cache
+
+
+def evaluate(hyps_path: str | Path, out_dir: str | Path, comet_model: str | None = None, spm: str | None = None,
+             compare: str | None = None, comet_batch: int = 64) -> list[DirectionScores]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hypotheses = read_hypotheses(hyps_path)
+    spbleu = SpBLEU(spm) if spm else None
+    sentences_path = out / "sentences.jsonl"
+    cache = _load_sentence_cache(sentences_path)
+    sentences = {h.cache_key(): {"key": h.cache_key(), "id": h.id, "direction": h.direction,
+                                 **({"comet": cache[h.cache_key()]["comet"]}
+                                    if "comet" in cache.get(h.cache_key(), {}) else {})}
+                 for h in hypotheses}
+
+    translated = [h for h in hypotheses if h.tgt is not None and h.ref is not None]
+    if comet_model and translated:
+        missing = [h for h in translated if "comet" not in sentences[h.cache_key()]]
+        if missing:
+            scores = comet_scores(comet_model, [(h.src_ref or "", h.hyp, h.ref) for h in missing], comet_batch)
+            for h, score in zip(missing, scores):
+                sentences[h.cache_key()]["comet"] = score
+    for h in translated:
+        sentences[h.cache_key()]["chrf"] = sentence_chrf(h.hyp, h.ref)
+
+    by_direction: dict[str, list[Hypothesis]] = defaultdict(list)
+    for h in hypotheses:
+        by_direction[h.direction].append(h)
+    results = []
+    for direction, group in sorted(by_direction.items(), key=lambda item: _direction_sort_key(item[0])):
+        scores = DirectionScores(direction, len(group))
+        with_ref = [h for h in group if h.tgt is not None and h.ref is not None]
+        if with_ref:
+            hyps, refs = [h.hyp for h in with_ref], [h.ref for h in with_ref]
+            scores.chrf = chrf_plus_plus(hyps, refs)
+            if spbleu:
+                scores.spbleu = spbleu.corpus(hyps, refs)
+            comet = [sentences[h.cache_key()].get("comet") for h in with_ref]
+            if all(c is not None for c in comet):
+                scores.comet = 100 * sum(comet) / len(comet)
+        transcripts = [(h.hyp if h.tgt is None else h.hyp_transcript, h.src_ref) for h in group]
+        transcripts = [(t, r) for t, r in transcripts if t is not None and r]
+        if transcripts:
+            scores.wer, scores.cer = error_rates([t for t, _ in transcripts], [r for _, r in transcripts])
+        results.append(scores)
+
+    with open(sentences_path, "w", encoding="utf-8") as handle:
+        for record in sentences.values():
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_directions_csv(out / "directions.csv", results)
+    published = read_published(compare) if compare else None
+    if published is not None:
+        write_comparison(out / "compare.csv", results, published)
+    (out / "summary.md").write_text(summary_markdown(results, published), encoding="utf-8")
+    metric = next((m for m in ("comet", "spbleu", "chrf") if any(getattr(r, m) is not None for r in results)), None)
+    if metric:
+        draw_heatmap(results, metric, out / "heatmap.png")
+    return results
+
+
+def _direction_sort_key(direction: str):
+    return tuple(LANGUAGE_ORDER.get(code, len(LANGUAGE_ORDER)) for code in direction.split("_"))
+
+
+def _format(value: float | None, digits: int = 2) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def write_directions_csv(path: Path, results: list[DirectionScores]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(DIRECTION_COLUMNS)
+        for r in results:
+            writer.writerow([r.iso3, r.n, _format(r.spbleu), _format(r.chrf), _format(r.comet), _format(r.wer), _format(r.cer)])
+
+
+def read_published(path: str | Path) -> dict[str, dict[str, float]]:
+    """A per-direction CSV with an ``iso3`` column (``src_tgt``) and any of spbleu/chrf/comet."""
+    path = Path(path)
+    table = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "iso3" not in reader.fieldnames:
+            raise EvaluationError(f"{path}: needs an iso3 column (src_tgt), found {reader.fieldnames}")
+        for number, row in enumerate(reader, start=2):
+            values = {}
+            for metric in ("spbleu", "chrf", "comet"):
+                if row.get(metric):
+                    try:
+                        values[metric] = float(row[metric])
+                    except ValueError:
+                        raise EvaluationError(f"{path}:{number}: {metric} {row[metric]!r} is not a number") from None
+            table[row["iso3"]] = values
+    return table
+
+
+def write_comparison(path: Path, results: list[DirectionScores], published: dict[str, dict[str, float]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["iso3", "n"] + [f"{kind}_{m}" for m in ("spbleu", "comet") for kind in ("ours", "published", "diff")])
+        for r in results:
+            if r.iso3 not in published:
+                continue
+            row = [r.iso3, r.n]
+            for metric in ("spbleu", "comet"):
+                ours, theirs = getattr(r, metric), published[r.iso3].get(metric)
+                diff = None if ours is None or theirs is None else ours - theirs
+                row += [_format(ours), _format(theirs), _format(diff)]
+            writer.writerow(row)
+
+
+def _group_averages(results: list[DirectionScores], metrics: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    groups = {"X->eng": [], "eng->X": [], "X->Y (no eng)": [], "all directions": []}
+    for r in results:
+        if "_" not in r.iso3:
+            continue
+        src, tgt = r.iso3.split("_")
+        groups["all directions"].append(r)
+        groups["X->eng" if tgt == "eng" else "eng->X" if src == "eng" else "X->Y (no eng)"].append(r)
+    return {name: {"directions": len(group), **{m: _mean(getattr(r, m) for r in group) for m in metrics}}
+            for name, group in groups.items()}
+
+
+def summary_markdown(results: list[DirectionScores], published: dict[str, dict[str, float]] | None = None) -> str:
+    metrics = [m for m in ("spbleu", "chrf", "comet") if any(getattr(r, m) is not None for r in results)]
+    lines = ["# Evaluation summary", ""]
+    pairs = [r for r in results if "_" in r.iso3]
+    if pairs and metrics:
+        languages = sorted({code for r in pairs for code in r.iso3.split("_")}, key=lambda c: LANGUAGE_ORDER.get(c, 999))
+        lines += [f"{len(pairs)} directions over {len(languages)} languages.", "",
+                  "## Averages by direction group (paper Table VI)", "",
+                  "| group | directions | " + " | ".join(metrics) + " |", "| --- | ---: | " + " | ".join("---:" for _ in metrics) + " |"]
+        for name, values in _group_averages(results, metrics).items():
+            if values["directions"]:
+                lines.append(f"| {name} | {values['directions']} | " + " | ".join(_format(values[m]) for m in metrics) + " |")
+        lines += ["", "## Per language, as source and as target (paper Table VIII)", "",
+                  "| language | " + " | ".join(f"{m} as source" for m in metrics) + " | "
+                  + " | ".join(f"{m} as target" for m in metrics) + " |",
+                  "| --- | " + " | ".join("---:" for _ in range(2 * len(metrics))) + " |"]
+        for code in languages:
+            outgoing = [r for r in pairs if r.iso3.split("_")[0] == code]
+            incoming = [r for r in pairs if r.iso3.split("_")[1] == code]
+            lines.append(f"| {code} | " + " | ".join(_format(_mean(getattr(r, m) for r in outgoing)) for m in metrics)
+                         + " | " + " | ".join(_format(_mean(getattr(r, m) for r in incoming)) for m in metrics) + " |")
+    asr = [r for r in results if r.wer is not None and not math.isnan(r.wer)]
+    if asr:
+        lines += ["", "## Transcripts", "", "| direction | n | WER | CER |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {r.iso3} | {r.n} | {_format(r.wer)} | {_format(r.cer)} |" for r in asr]
+    if published is not None:
+        matched = [r for r in pairs if r.iso3 in published]
+        lines += ["", "## Against the published scores", "",
+                  f"{len(matched)} of our {len(pairs)} directions are in the published table "
+                  f"({len(published)} directions); per direction in compare.csv.", "",
+                  "| metric | directions | ours | published | difference |", "| --- | ---: | ---: | ---: | ---: |"]
+        for metric in ("spbleu", "comet"):
+            both = [(getattr(r, metric), published[r.iso3][metric]) for r in matched
+                    if getattr(r, metric) is not None and metric in published[r.iso3]]
+            if both:
+                ours, theirs = _mean(a for a, _ in both), _mean(b for _, b in both)
+                lines.append(f"| {metric} | {len(both)} | {_format(ours)} | {_format(theirs)} | {_format(ours - theirs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_heatmap(results: list[DirectionScores], metric: str, path: Path) -> None:
+    """Source x target matrix (Figure 5 style); values written in the cells up to 20 languages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pairs = {tuple(r.iso3.split("_")): getattr(r, metric) for r in results if "_" in r.iso3}
+    if not pairs:
+        return
+    languages = sorted({code for pair in pairs for code in pair}, key=lambda c: LANGUAGE_ORDER.get(c, 999))
+    index = {code: i for i, code in enumerate(languages)}
+    matrix = np.full((len(languages), len(languages)), np.nan)
+    for (src, tgt), value in pairs.items():
+        if value is not None:
+            matrix[index[src], index[tgt]] = value
+    size = max(5.0, 0.2 * len(languages) + 2)
+    figure, axis = plt.subplots(figsize=(size + 1.2, size))
+    image = axis.imshow(np.ma.masked_invalid(matrix), cmap="viridis", aspect="equal")
+    font = 8 if len(languages) <= 20 else 5
+    axis.set_xticks(range(len(languages)), languages, rotation=90, fontsize=font)
+    axis.set_yticks(range(len(languages)), languages, fontsize=font)
+    axis.set_xlabel("target language")
+    axis.set_ylabel("source language")
+    axis.set_title(f"{metric} per direction ({len(pairs)} directions)")
+    if len(languages) <= 20:
+        for (src, tgt), value in pairs.items():
+            if value is not None:
+                axis.text(index[tgt], index[src], f"{value:.1f}", ha="center", va="center", fontsize=6, color="white")
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label=metric)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)

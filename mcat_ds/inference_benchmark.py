@@ -1,0 +1,161 @@
+"""Batch inference, side by side in one run: HF ``generate`` as the release runs it (encoder and adapter
+per request, full-prompt logits, finished rows kept in the batch) against ``mcat translate``'s path
+(encoder and adapter once per utterance, KV-cache greedy loop, last-position logits, finished rows
+dropped). Random weights at a preset's real sizes: no checkpoint is needed, and neither path can
+stop early by chance more than the other (both decode the same tokens; the run checks it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mcat_ds.batching import TokenizedExample, collate_examples
+from mcat_ds.benchmarking import Row
+from mcat_ds.build import build_meta_model
+from mcat_ds.inference import DecodeCounters, TranslateConfig, decode_requests
+from mcat_ds.model.mcat import GenerationOptions, MCATModel
+from mcat_ds.presets import get_preset
+
+
+@dataclass(frozen=True)
+class InferenceBenchConfig:
+    preset: str = "small-9b"
+    utterances: int = 1000
+    targets_per_utterance: int = 1
+    """Directions per utterance: the release encodes the audio again for each, we once."""
+    batch: int = 50
+    max_new_tokens: int = 100
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+
+
+def random_model(config: InferenceBenchConfig) -> MCATModel:
+    """The preset's architecture with random weights, built on the meta device and materialized on the
+    target one (no checkpoint, no host copy of 9B parameters)."""
+    model = build_meta_model(get_preset(config.preset))
+    model.to_empty(device=config.device)
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    with torch.no_grad():
+        for parameter in model.parameters():  # matrices random; vectors zero (Gemma's RMSNorm scales by 1 + w)
+            if parameter.ndim > 1:
+                parameter.normal_(0.0, 0.02, generator=generator)
+            else:
+                parameter.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight.fill_(1.0)
+    return model.to(config.dtype).eval()
+
+
+def workload(model: MCATModel, config: InferenceBenchConfig):
+    """Log-mel features of FLEURS-like lengths (3-25 s of the 30 s window) and SRT-style prompts of
+    <bos> + two tag tokens, one per (utterance, target)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    window = model.encoder.window_frames
+    lengths = (window * (0.1 + 0.73 * torch.rand(config.utterances, generator=generator))).long()
+    vocab = model.llm.get_input_embeddings().weight.shape[0]
+    bos = model.llm.config.bos_token_id or 2
+    prompts = [[TokenizedExample((bos, *torch.randint(4, vocab, (2,), generator=generator).tolist()))
+                for _ in range(config.targets_per_utterance)] for _ in range(config.utterances)]
+    return lengths, prompts
+
+
+def features_for(model: MCATModel, lengths: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(int(lengths.sum()))
+    features = torch.full((len(lengths), model.encoder.num_mel_bins, model.encoder.window_frames), -0.6)
+    for row, length in enumerate(lengths.tolist()):
+        features[row, :, :length] = torch.rand(model.encoder.num_mel_bins, length, generator=generator) * 2 - 0.6
+    return features.to(device, dtype)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def run_hf_generate(model: MCATModel, lengths, prompts, config: InferenceBenchConfig) -> tuple[list[list[int]], int]:
+    """The release's loop: each request carries its audio through encoder and adapter, then HF generate."""
+    requests = [(u, p) for u, group in enumerate(prompts) for p in group]
+    outputs, encoder_rows = [], 0
+    options = GenerationOptions(max_new_tokens=config.max_new_tokens)
+    pad = model.pad_token_id
+    for first in range(0, len(requests), config.batch):
+        chunk = requests[first:first + config.batch]
+        utterances = torch.tensor([u for u, _ in chunk])
+        features = features_for(model, lengths[utterances], config.device, config.dtype)
+        batch = collate_examples([p for _, p in chunk], model.num_speech_tokens, pad, "left").to(config.device)
+        outputs += model.generate(features, lengths[utterances].to(config.device), batch, options)
+        encoder_rows += len(chunk)
+    return outputs, encoder_rows
+
+
+@torch.no_grad()
+def run_ours(model: MCATModel, lengths, prompts, config: InferenceBenchConfig,
+             counters: DecodeCounters) -> tuple[list[list[int]], int]:
+    """``mcat translate``'s path: utterances longest first, encoded once; requests decoded in batches."""
+    order = sorted(range(len(prompts)), key=lambda u: -int(lengths[u]))
+    per_chunk = max(1, config.batch // config.targets_per_utterance)
+    translate = TranslateConfig(batch=config.batch, max_new_tokens=config.max_new_tokens, decoder="fast")
+    results: dict[tuple[int, int], list[int]] = {}
+    encoder_rows = 0
+    for first in range(0, len(order), per_chunk):
+        utterances = torch.tensor(order[first:first + per_chunk])
+        features = features_for(model, lengths[utterances], config.device, config.dtype)
+        speech = model.speech_embeddings(features, lengths[utterances].to(config.device))
+        encoder_rows += len(utterances)
+        requests = [(slot, u, t) for slot, u in enumerate(utterances.tolist()) for t in range(config.targets_per_utterance)]
+        batch = collate_examples([prompts[u][t] for _, u, t in requests], model.num_speech_tokens,
+                                 model.pad_token_id, "left").to(config.device)
+        rows = torch.tensor([slot for slot, _, _ in requests], device=config.device)
+        for (_, u, t), ids in zip(requests, decode_requests(model, speech[rows], batch, translate, counters)):
+            results[(u, t)] = ids
+    return [results[(u, t)] for u in range(len(prompts)) for t in range(config.targets_per_utterance)], encoder_rows
+
+
+def bench_inference(config: InferenceBenchConfig) -> list[Row]:
+    model = random_model(config)
+    lengths, prompts = workload(model, config)
+    requests = config.utterances * config.targets_per_utterance
+    shape = (f"{config.preset} random weights, {config.utterances} utterances x {config.targets_per_utterance} targets, "
+             f"batch {config.batch}, greedy, <= {config.max_new_tokens} new tokens, {str(config.dtype).split('.')[-1]}")
+    _synchronize(config.device)
+    start = time.perf_counter()
+    reference, hf_encoder_rows = run_hf_generate(model, lengths, prompts, config)
+    _synchronize(config.device)
+    hf_seconds = time.perf_counter() - start
+    counters = DecodeCounters()
+    start = time.perf_counter()
+    ours, our_encoder_rows = run_ours(model, lengths, prompts, config, counters)
+    _synchronize(config.device)
+    our_seconds = time.perf_counter() - start
+    same = sum(a == b for a, b in zip(ours, reference))
+    tokens = sum(len(ids) for ids in ours)
+    rows = [
+        Row("inference", shape, "HF generate, encoder per request (release)", "seconds", hf_seconds, 1.0),
+        Row("inference", shape, "mcat translate path", "seconds", our_seconds, hf_seconds / our_seconds),
+        Row("inference", shape, "HF generate, encoder per request (release)", "encoder_passes_per_utterance",
+            hf_encoder_rows / config.utterances),
+        Row("inference", shape, "mcat translate path", "encoder_passes_per_utterance", our_encoder_rows / config.utterances),
+        Row("inference", shape, "HF generate, encoder per request (release)", "token_rows_per_output_token",
+            _hf_token_rows(reference, config) / max(sum(len(ids) for ids in reference), 1)),
+        Row("inference", shape, "mcat translate path", "token_rows_per_output_token",
+            (counters.token_rows + requests) / max(tokens, 1)),
+        Row("inference", shape, "mcat translate path", "outputs_identical_to_hf_fraction", same / requests),
+    ]
+    return rows
+
+
+def _hf_token_rows(outputs: list[list[int]], config: InferenceBenchConfig) -> int:
+    """Rows HF generate computes: every row of a batch for as many steps as its longest output
+    (plus the eos step), finished rows included."""
+    total = 0
+    for first in range(0, len(outputs), config.batch):
+        chunk = outputs[first:first + config.batch]
+        steps = min(max(len(ids) for ids in chunk) + 1, config.max_new_tokens)
+        total += len(chunk) * steps
+    return total

@@ -1,0 +1,151 @@
+"""mcat evaluate: metrics equal sacrebleu / jiwer / COMET called directly; tables, heat map, comparison."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jiwer
+import pytest
+import sacrebleu
+
+from mcat_ds.cli import main
+from mcat_ds.data.demo import demo_sentences
+from mcat_ds.evaluate import EvaluationError, read_hypotheses
+
+LANGUAGES = ("eng", "deu", "fra", "cmn", "jpn")
+
+
+def perturb(text: str, seed: int) -> str:
+    """A hypothesis that is close to the reference but not equal (a dropped word or character)."""
+    words = text.split()
+    if len(words) > 2:
+        del words[seed % len(words)]
+        return " ".join(words)
+    return text[: max(1, len(text) - 1 - seed % 3)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """SRT hypotheses for every direction among 5 languages, and a SentencePiece model of the text."""
+    import sentencepiece
+
+    root = tmp_path_factory.mktemp("evaluate")
+    sentences = [s for s in demo_sentences() if all(code in s.texts for code in LANGUAGES)][:6]
+    records = []
+    for number, sentence in enumerate(sentences):
+        for src in LANGUAGES:
+            for tgt in LANGUAGES:
+                if src != tgt:
+                    ref = sentence.texts[tgt]
+                    records.append({"id": f"{number}:{src}-{tgt}", "src": src, "tgt": tgt,
+                                    "hyp": perturb(ref, number + len(src + tgt)), "ref": ref,
+                                    "hyp_transcript": perturb(sentence.texts[src], number),
+                                    "src_ref": sentence.texts[src]})
+    hyps = root / "hyps.jsonl"
+    hyps.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    texts = [t for s in demo_sentences() for t in s.texts.values()]
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(root / "flores"),
+                                             vocab_size=1000, hard_vocab_limit=False, character_coverage=1.0)
+    return {"root": root, "hyps": hyps, "records": records, "spm": root / "flores.model", "texts": texts}
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def sacrebleu_flores200(spm_model, hyps, refs, tmp_path) -> float:
+    """sacrebleu's own tokenize='flores200' with the test's model in its cache folder."""
+    (tmp_path / "sacrebleu" / "models").mkdir(parents=True, exist_ok=True)
+    target = tmp_path / "sacrebleu" / "models" / "flores200sacrebleuspm"
+    target.write_bytes(spm_model.read_bytes())
+    code = ("import json, sys, sacrebleu; h, r = json.load(sys.stdin); "
+            "print(sacrebleu.corpus_bleu(h, [r], tokenize='flores200').score)")
+    result = subprocess.run([sys.executable, "-c", code], input=json.dumps([hyps, refs]), capture_output=True,
+                            text=True, env={**os.environ, "SACREBLEU": str(tmp_path / "sacrebleu")}, check=True)
+    return float(result.stdout)
+
+
+def test_metrics_equal_sacrebleu_and_jiwer(corpus, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out), "--spm", str(corpus["spm"])]) == 0
+    rows = {row["iso3"]: row for row in read_csv(out / "directions.csv")}
+    assert list(read_csv(out / "directions.csv")[0]) == ["iso3", "n", "spbleu", "chrf", "comet", "wer", "cer"]
+    assert len(rows) == 20 and all(row["comet"] == "" for row in rows.values())
+    for direction in ("eng_deu", "cmn_jpn", "fra_eng"):
+        group = [r for r in corpus["records"] if f"{r['src']}_{r['tgt']}" == direction]
+        hyps, refs = [r["hyp"] for r in group], [r["ref"] for r in group]
+        row = rows[direction]
+        assert int(row["n"]) == len(group)
+        assert float(row["spbleu"]) == pytest.approx(sacrebleu_flores200(corpus["spm"], hyps, refs, tmp_path), abs=0.006)
+        assert float(row["chrf"]) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score, abs=0.006)
+        transcripts, sources = [r["hyp_transcript"] for r in group], [r["src_ref"] for r in group]
+        assert float(row["wer"]) == pytest.approx(100 * jiwer.wer(sources, transcripts), abs=0.006)
+        assert float(row["cer"]) == pytest.approx(100 * jiwer.cer(sources, transcripts), abs=0.006)
+    assert 0 < float(rows["eng_deu"]["spbleu"]) < 100
+
+
+def test_summary_heatmap_and_comparison_with_published_scores(corpus, tmp_path):
+    published = tmp_path / "published.csv"
+    published.write_text("idx,iso3,spbleu,comet\n1,eng_deu,10.0,80.0\n2,deu_eng,20.5,81.0\n3,afr_amh,1.0,70.0\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out), "--spm", str(corpus["spm"]),
+                 "--compare", str(published)]) == 0
+    assert (out / "heatmap.png").stat().st_size > 20_000
+    summary = (out / "summary.md").read_text()
+    for heading in ("X->eng", "eng->X", "X->Y (no eng)", "as source", "Against the published scores"):
+        assert heading in summary
+    ours = {row["iso3"]: float(row["spbleu"]) for row in read_csv(out / "directions.csv")}
+    compared = {row["iso3"]: row for row in read_csv(out / "compare.csv")}
+    assert set(compared) == {"eng_deu", "deu_eng"}
+    assert float(compared["eng_deu"]["diff_spbleu"]) == pytest.approx(ours["eng_deu"] - 10.0, abs=0.011)
+    x_eng = [v for k, v in ours.items() if k.endswith("_eng")]
+    assert f"| X->eng | 4 | {sum(x_eng) / 4:.2f} |" in summary
+
+
+def test_heatmap_of_the_70_language_matrix_is_readable(tmp_path):
+    from mcat_ds.evaluate import DirectionScores, draw_heatmap
+    from mcat_ds.languages import L70
+
+    results = [DirectionScores(f"{s}_{t}", 1, comet=float(i % 90)) for i, (s, t) in
+               enumerate((s, t) for s in L70 for t in L70 if s != t)]
+    draw_heatmap(results, "comet", tmp_path / "heatmap.png")
+    from matplotlib.image import imread
+
+    height, width = imread(tmp_path / "heatmap.png").shape[:2]
+    assert min(height, width) >= 70 * 20  # at least 20 pixels per language row and column
+
+
+def test_bad_hypothesis_lines_name_file_and_line(tmp_path):
+    path = tmp_path / "hyps.jsonl"
+    path.write_text('{"id": "a", "src": "eng", "tgt": "deu", "hyp": "x", "ref": "y"}\n{"id": "b"}\n')
+    with pytest.raises(EvaluationError, match=r"hyps.jsonl:2"):
+        read_hypotheses(path)
+
+
+def test_comet_through_unbabel_comet_and_sentence_scores_reused(corpus, tmp_path):
+    pytest.importorskip("comet", reason="unbabel-comet is the [comet] extra")
+    import torch
+    from comet import load_from_checkpoint
+    from tiny_comet import write_tiny_comet
+
+    folder = write_tiny_comet(tmp_path / "models", corpus["texts"])
+    saved = torch.load(folder / "checkpoints" / "model.ckpt", weights_only=True)["state_dict"]
+    model = load_from_checkpoint(str(folder / "checkpoints" / "model.ckpt"), local_files_only=True)
+    for name, tensor in model.state_dict().items():  # COMET loads with strict=False: the weights must really arrive
+        torch.testing.assert_close(tensor, saved[name])
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out), "--comet-model", str(folder)]) == 0
+    rows = {row["iso3"]: row for row in read_csv(out / "directions.csv")}
+    group = [r for r in corpus["records"] if r["src"] == "deu" and r["tgt"] == "cmn"]
+    direct = model.predict([{"src": r["src_ref"], "mt": r["hyp"], "ref": r["ref"]} for r in group],
+                           batch_size=8, gpus=0, progress_bar=False)
+    assert float(rows["deu_cmn"]["comet"]) == pytest.approx(100 * sum(direct.scores) / len(group), abs=0.006)
+    assert len({row["comet"] for row in rows.values()}) > 1
+
+    # a later run adds spBLEU without the COMET model: the sentence-level COMET scores are reused
+    assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out), "--spm", str(corpus["spm"])]) == 0
+    again = {row["iso3"]: row for row in read_csv(out / "directions.csv")}
+    assert again["deu_cmn"]["comet"] == rows["deu_cmn"]["comet"] and again["deu_cmn"]["spbleu"]
