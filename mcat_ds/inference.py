@@ -108,6 +108,19 @@ def plan_requests(entries: list[IndexEntry], config: TranslateConfig) -> list[Re
 # ---------------------------------------------------------------- decoding
 
 
+def _ban_repeated_ngrams(logits, generated, rows, step: int, size: int):
+    """-inf for each live row's tokens that would repeat one of its n-grams (HF's no_repeat_ngram_size)."""
+    if step + 1 < size:
+        return logits
+    logits = logits.clone()
+    history = generated[rows, :step].tolist()
+    for live, tokens in enumerate(history):
+        banned = _banned_ngram_tokens(tokens, size)
+        if banned:
+            logits[live, banned] = float("-inf")
+    return logits
+
+
 def _banned_ngram_tokens(tokens: list[int], size: int) -> list[int]:
     """Tokens that would repeat an n-gram of ``tokens`` (HF's no_repeat_ngram_size rule)."""
     if size <= 0 or len(tokens) + 1 < size:
@@ -145,35 +158,37 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor, max_n
     out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
               use_cache=True, logits_to_keep=1)
     cache, logits = _returned_cache(out), out.logits[:, -1]
-    rows = torch.arange(batch, device=embeds.device)  # which original row each live row is
-    results: list[list[int]] = [[] for _ in range(batch)]
+    device = embeds.device
+    rows = torch.arange(batch, device=device)  # which original row each live row is
+    generated = torch.full((batch, max_new_tokens), eos_token_id, dtype=torch.long, device=device)
     positions = position_ids[:, -1:]
+    mask_column = attention_mask.new_ones(batch, 1)
+    cache_argument = _cache_argument(llm)
     for step in range(max_new_tokens):
         if no_repeat_ngram_size:
-            logits = logits.clone()
-            for live, row in enumerate(rows.tolist()):
-                banned = _banned_ngram_tokens(results[row], no_repeat_ngram_size)
-                if banned:
-                    logits[live, banned] = float("-inf")
+            logits = _ban_repeated_ngrams(logits, generated, rows, step, no_repeat_ngram_size)
         tokens = logits.argmax(-1)
+        generated[rows, step] = tokens
         finished = tokens == eos_token_id
-        for row, token, done in zip(rows.tolist(), tokens.tolist(), finished.tolist()):
-            if not done:
-                results[row].append(token)
-        counters.output_tokens += int((~finished).sum())
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        # one host sync per step: how many rows finished (HF generate syncs as often)
+        done = int(finished.sum())
+        if step == max_new_tokens - 1 or done == tokens.shape[0]:
             break
-        if bool(finished.any()):  # finished rows leave the batch and the cache
+        if done:  # finished rows leave the batch and the cache: they stop costing compute
             keep = (~finished).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             rows, tokens, attention_mask, positions = rows[keep], tokens[keep], attention_mask[keep], positions[keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        attention_mask = torch.cat([attention_mask, mask_column[: attention_mask.shape[0]]], dim=1)
         positions = positions + 1
         out = llm(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions,
-                  use_cache=True, **{_cache_argument(llm): cache})
+                  use_cache=True, **{cache_argument: cache})
         cache, logits = _returned_cache(out), out.logits[:, -1]
         counters.decode_steps += 1
         counters.token_rows += tokens.shape[0]
+    results = []
+    for row in generated.tolist():
+        results.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
+    counters.output_tokens += sum(len(row) for row in results)
     return results
 
 

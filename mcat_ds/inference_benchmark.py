@@ -78,10 +78,12 @@ def _synchronize(device: str) -> None:
 
 
 @torch.no_grad()
-def run_hf_generate(model: MCATModel, lengths, prompts, config: InferenceBenchConfig) -> tuple[list[list[int]], int]:
-    """The release's loop: each request carries its audio through encoder and adapter, then HF generate."""
-    requests = [(u, p) for u, group in enumerate(prompts) for p in group]
-    outputs, encoder_rows = [], 0
+def run_hf_generate(model: MCATModel, lengths, prompts, config: InferenceBenchConfig) -> tuple[list[list[int]], int, int]:
+    """The release's loop: each request carries its audio through encoder and adapter, then HF generate.
+    Requests go in the order ours decodes them, so both paths see the same batches (random weights give
+    near-tied logits, where a different batch composition alone can flip an argmax)."""
+    requests = [(u, p) for u in length_order(lengths) for p in prompts[u]]
+    outputs, encoder_rows, token_rows = {}, 0, 0
     options = GenerationOptions(max_new_tokens=config.max_new_tokens)
     pad = model.pad_token_id
     for first in range(0, len(requests), config.batch):
@@ -89,16 +91,25 @@ def run_hf_generate(model: MCATModel, lengths, prompts, config: InferenceBenchCo
         utterances = torch.tensor([u for u, _ in chunk])
         features = features_for(model, lengths[utterances], config.device, config.dtype)
         batch = collate_examples([p for _, p in chunk], model.num_speech_tokens, pad, "left").to(config.device)
-        outputs += model.generate(features, lengths[utterances].to(config.device), batch, options)
+        generated = model.generate(features, lengths[utterances].to(config.device), batch, options)
+        for (u, _), ids in zip(chunk, generated):
+            outputs.setdefault(u, []).append(ids)
         encoder_rows += len(chunk)
-    return outputs, encoder_rows
+        # generate computes every row of the batch until its longest output ends (and its eos step)
+        token_rows += len(chunk) * min(max(len(ids) for ids in generated) + 1, config.max_new_tokens)
+    return [ids for u in range(len(prompts)) for ids in outputs[u]], encoder_rows, token_rows
+
+
+def length_order(lengths: torch.Tensor) -> list[int]:
+    """Utterances longest first (stable), the order mcat translate encodes them in."""
+    return sorted(range(len(lengths)), key=lambda u: -int(lengths[u]))
 
 
 @torch.no_grad()
 def run_ours(model: MCATModel, lengths, prompts, config: InferenceBenchConfig,
              counters: DecodeCounters) -> tuple[list[list[int]], int]:
     """``mcat translate``'s path: utterances longest first, encoded once; requests decoded in batches."""
-    order = sorted(range(len(prompts)), key=lambda u: -int(lengths[u]))
+    order = length_order(lengths)
     per_chunk = max(1, config.batch // config.targets_per_utterance)
     translate = TranslateConfig(batch=config.batch, max_new_tokens=config.max_new_tokens, decoder="fast")
     results: dict[tuple[int, int], list[int]] = {}
@@ -125,7 +136,7 @@ def bench_inference(config: InferenceBenchConfig) -> list[Row]:
              f"batch {config.batch}, greedy, <= {config.max_new_tokens} new tokens, {str(config.dtype).split('.')[-1]}")
     _synchronize(config.device)
     start = time.perf_counter()
-    reference, hf_encoder_rows = run_hf_generate(model, lengths, prompts, config)
+    reference, hf_encoder_rows, hf_token_rows = run_hf_generate(model, lengths, prompts, config)
     _synchronize(config.device)
     hf_seconds = time.perf_counter() - start
     counters = DecodeCounters()
@@ -142,20 +153,10 @@ def bench_inference(config: InferenceBenchConfig) -> list[Row]:
             hf_encoder_rows / config.utterances),
         Row("inference", shape, "mcat translate path", "encoder_passes_per_utterance", our_encoder_rows / config.utterances),
         Row("inference", shape, "HF generate, encoder per request (release)", "token_rows_per_output_token",
-            _hf_token_rows(reference, config) / max(sum(len(ids) for ids in reference), 1)),
+            hf_token_rows / max(sum(len(ids) for ids in reference), 1)),
         Row("inference", shape, "mcat translate path", "token_rows_per_output_token",
             (counters.token_rows + requests) / max(tokens, 1)),
         Row("inference", shape, "mcat translate path", "outputs_identical_to_hf_fraction", same / requests),
     ]
     return rows
 
-
-def _hf_token_rows(outputs: list[list[int]], config: InferenceBenchConfig) -> int:
-    """Rows HF generate computes: every row of a batch for as many steps as its longest output
-    (plus the eos step), finished rows included."""
-    total = 0
-    for first in range(0, len(outputs), config.batch):
-        chunk = outputs[first:first + config.batch]
-        steps = min(max(len(ids) for ids in chunk) + 1, config.max_new_tokens)
-        total += len(chunk) * steps
-    return total
