@@ -25,6 +25,7 @@ from mcat_ds.data.demo import build_demo_data
 from mcat_ds.data.loader import Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import PlannedExample
 from mcat_ds.data.shards import ShardReader, load_index
+from mcat_ds.evaluate import evaluate
 from mcat_ds.model import GenerationOptions
 from mcat_ds.presets import get_preset
 from mcat_ds.prompts import split_srt_output
@@ -35,6 +36,7 @@ from mcat_ds.train.stage import stage_paths
 
 REPORT_FILE = "report.json"
 DECODED_FILE = "decoded.jsonl"
+EVALUATION_DIR = "evaluation"
 
 
 def launch_curriculum(run_dir: Path, ranks: int, extra: list[str]) -> int:
@@ -123,9 +125,13 @@ def run_demo(run_dir: str | Path, ranks: int | None = None, extra: list[str] | N
     trained = time.perf_counter()
     final = stage_paths(run_dir, stage_names(get_preset("tiny"))[-1]).final
     scores = decode_srt(final, shards / "train", run_dir / DECODED_FILE)
+    # the same scorer users run on mcat translate outputs: per-direction chrF++ and WER, tables, heat map
+    directions = evaluate(run_dir / DECODED_FILE, run_dir / EVALUATION_DIR)
     finished = time.perf_counter()
     report = {
         **scores,
+        "evaluation": {"directory": str(run_dir / EVALUATION_DIR), "directions": len(directions),
+                       "mean_chrf": round(sum(d.chrf for d in directions) / len(directions), 2)},
         "checkpoint": str(final),
         "stages": stage_summary(run_dir),
         "ranks": ranks,

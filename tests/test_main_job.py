@@ -28,6 +28,9 @@ def test_mcat_demo_overfits_the_demo_corpus(tmp_path):
     decoded = [json.loads(line) for line in (run_dir / "decoded.jsonl").read_text().splitlines()]
     assert len(decoded) == 360 and {"id", "src", "tgt", "hyp", "hyp_transcript", "ref", "src_ref"} <= set(decoded[0])
     assert len({(d["src"], d["tgt"]) for d in decoded}) == 72  # every direction of the 9 languages
+    directions = (run_dir / "evaluation" / "directions.csv").read_text().splitlines()
+    assert len(directions) == 1 + 72 and report["evaluation"]["mean_chrf"] >= 90
+    assert (run_dir / "evaluation" / "heatmap.png").is_file()
 
     # running it again finds every stage complete and only decodes
     again = subprocess.run([sys.executable, "-m", "mcat_ds.cli", "demo", "--run-dir", str(run_dir)],
