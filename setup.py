@@ -24,7 +24,10 @@ setup(
         "tensorboard>=2.14",
         "tqdm",
         "triton>=3.0",  # the adapter's kernels; on CPU they run in its interpreter (tests, --smoke)
-        "matplotlib",  # benchmark plots
+        "matplotlib",  # benchmark plots, evaluation heat maps
+        "sacrebleu>=2.4",  # spBLEU, chrF++
+        "sentencepiece",  # spBLEU's FLORES-200 pieces
+        "jiwer",  # WER / CER
     ],
     extras_require={
         # unbabel-comet 2.2.7 needs huggingface-hub<1.0, hence transformers 4.x; saying so up front
