@@ -34,10 +34,21 @@ class LLMBatch:
     """A padded batch; ``speech_mask`` marks the positions the speech embeddings take."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    """None for a packed batch: the position ids, restarting at 0, mark where each sequence begins,
+    and attention never crosses from one sequence to another."""
     position_ids: torch.Tensor
     speech_mask: torch.Tensor
     labels: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int(self.input_ids.numel() if self.attention_mask is None else self.attention_mask.sum())
+
+    @property
+    def is_packed(self) -> bool:
+        return self.attention_mask is None
 
     def to(self, device: torch.device | str) -> LLMBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -48,16 +59,20 @@ def collate_examples(
     examples: Sequence[TokenizedExample],
     num_speech_tokens: int,
     pad_token_id: int,
-    padding_side: Literal["right", "left"] = "right",
+    padding_side: Literal["right", "left", "packed"] = "right",
 ) -> LLMBatch:
     """Right padding for training (positions start at 0 for every sample, as unbatched); left padding
-    for generation (every prompt ends at the last column). Labels cover the target and eos only."""
+    for generation (every prompt ends at the last column); ``packed``: one row, the sequences end to
+    end with no padding at all, positions restarting at 0 for each (training). Labels cover the
+    target and eos only."""
     rows = []
     for example in examples:
         ids = [pad_token_id] * num_speech_tokens + list(example.prompt_ids) + list(example.target_ids)
         speech = [True] * num_speech_tokens + [False] * (len(ids) - num_speech_tokens)
         labels = [IGNORE_INDEX] * (num_speech_tokens + len(example.prompt_ids)) + list(example.target_ids)
         rows.append((ids, speech, labels))
+    if padding_side == "packed":
+        return _packed(rows)
     width = max(len(ids) for ids, _, _ in rows)
 
     def pad(values: list, fill) -> list:
@@ -72,3 +87,15 @@ def collate_examples(
         labels = torch.tensor([pad(label, IGNORE_INDEX) for _, _, label in rows], dtype=torch.long)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return LLMBatch(input_ids, attention_mask, position_ids, speech_mask, labels)
+
+
+def _packed(rows: list[tuple[list[int], list[bool], list[int]]]) -> LLMBatch:
+    """One row of all sequences; the first label of each is IGNORE_INDEX (its speech tokens), so the
+    last token of one sequence never learns to predict the next sequence."""
+    input_ids = torch.tensor([[token for ids, _, _ in rows for token in ids]], dtype=torch.long)
+    speech_mask = torch.tensor([[flag for _, speech, _ in rows for flag in speech]], dtype=torch.bool)
+    position_ids = torch.tensor([[position for ids, _, _ in rows for position in range(len(ids))]], dtype=torch.long)
+    labels = None
+    if any(label != IGNORE_INDEX for _, _, row_labels in rows for label in row_labels):
+        labels = torch.tensor([[label for _, _, row_labels in rows for label in row_labels]], dtype=torch.long)
+    return LLMBatch(input_ids, None, position_ids, speech_mask, labels)

@@ -91,11 +91,28 @@ def load_whisper_encoder(path: str, dtype: torch.dtype) -> WhisperEncoder:
     return _from_state(WhisperEncoder, config, state, dtype, directory)
 
 
+def resolve_attn_implementation(requested: str, llm_config: transformers.PretrainedConfig) -> str:
+    """``auto``: the flash-attn package's kernels on CUDA when installed (varlen over packed
+    sequences, Gemma's soft-capping and sliding windows); else SDPA where the architecture supports
+    it under this transformers version (Gemma3; not Gemma2, whose soft-capping SDPA cannot do);
+    else eager. Packed batches are masked per sequence on every path (transformers builds the
+    document mask from the restarting position ids)."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    model_class = transformers.AutoModelForCausalLM._model_mapping[type(llm_config)]
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str) -> transformers.PreTrainedModel:
     """A causal LM; from a multimodal checkpoint (gemma-3-27b-it) only its language model is read."""
     directory = _require_dir(path, "LLM")
     config = transformers.AutoConfig.from_pretrained(directory)
     text_config = getattr(config, "text_config", None)
+    attn_implementation = resolve_attn_implementation(attn_implementation, text_config or config)
     if text_config is None:
         return transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
@@ -231,12 +248,22 @@ def build_meta_model(config: MCATConfig) -> MCATModel:
     """The model on the meta device: shapes and parameter counts; no weights are read or allocated. The
     built-in architectures stand in for checkpoints that are not given; tags take the ids after the
     base tokenizer's."""
+    return build_model_skeleton(config)
+
+
+def build_model_skeleton(config: MCATConfig, device: str | torch.device = "meta", llm_layers: int | None = None,
+                         encoder_layers: int | None = None) -> MCATModel:
+    """``build_meta_model`` on any device: on a real one the weights are freshly initialized there
+    (random models of real sizes for benchmarks, allocated straight on the GPU), optionally with only
+    the first ``llm_layers`` / ``encoder_layers`` layers."""
     model_config = config.model
-    with torch.device("meta"):
+    with torch.device(device):
         if model_config.encoder.checkpoint is None:
             encoder_config = whisper_config(model_config.encoder.architecture)
         else:
             encoder_config = transformers.AutoConfig.from_pretrained(_require_dir(model_config.encoder.checkpoint, "Whisper"))
+        if encoder_layers:
+            encoder_config.encoder_layers = encoder_layers
         whisper = WhisperEncoder(encoder_config)
         if model_config.llm.checkpoint is None:
             config_for_llm = llm_config(model_config.llm.architecture)
@@ -246,7 +273,12 @@ def build_meta_model(config: MCATConfig) -> MCATModel:
             loaded = transformers.AutoConfig.from_pretrained(directory)
             config_for_llm = getattr(loaded, "text_config", None) or loaded
             base_size = len(transformers.AutoTokenizer.from_pretrained(directory))
-        llm = transformers.AutoModelForCausalLM.from_config(config_for_llm)
+        if llm_layers:
+            config_for_llm.num_hidden_layers = llm_layers
+            if getattr(config_for_llm, "layer_types", None):
+                config_for_llm.layer_types = config_for_llm.layer_types[:llm_layers]
+        llm = transformers.AutoModelForCausalLM.from_config(
+            config_for_llm, attn_implementation=resolve_attn_implementation(model_config.llm.attn_implementation, config_for_llm))
         tag_ids = {}
         if model_config.llm.language_tags == "special":
             tag_ids = {language.code: base_size + index for index, language in enumerate(LANGUAGES)}

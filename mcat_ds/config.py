@@ -79,7 +79,9 @@ class LLMConfig:
     architecture: str = "gemmax2-9b"
     """Built-in architecture used when no checkpoint is given (parameter counts, random tiny models)."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    attn_implementation: str = "eager"
+    attn_implementation: str = "auto"
+    """``auto``: flash-attn when installed on CUDA, else SDPA where supported, else eager (see
+    ``mcat_ds.build.resolve_attn_implementation``); or any transformers implementation name."""
     language_tags: Literal["special", "text"] = "special"
     """``special``: each ``<|xxx|>`` tag is one new token whose embedding trains; ``text``: tags are
     ordinary text split by the tokenizer, as in the release (needed to load release checkpoints)."""
@@ -120,6 +122,9 @@ class DataConfig:
     num_workers: int = 4
     features: Literal["worker", "device"] = "device"
     """Where log-mel features are computed: in the DataLoader workers, or batched on the model's device."""
+    packing: bool = True
+    """Training micro-batches as one padding-free row of sequences (attention stays within each);
+    False pads every sequence to the longest of the micro-batch."""
     seed: int = 0
 
 

@@ -14,9 +14,9 @@ import torch
 
 from mcat_ds.batching import TokenizedExample, collate_examples
 from mcat_ds.benchmarking import Row
-from mcat_ds.build import build_meta_model
 from mcat_ds.inference import DecodeCounters, TranslateConfig, decode_requests
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
+from mcat_ds.model.random import random_mcat_model
 from mcat_ds.presets import get_preset
 
 
@@ -34,21 +34,7 @@ class InferenceBenchConfig:
 
 
 def random_model(config: InferenceBenchConfig) -> MCATModel:
-    """The preset's architecture with random weights, built on the meta device and materialized on the
-    target one (no checkpoint, no host copy of 9B parameters)."""
-    model = build_meta_model(get_preset(config.preset))
-    model.to_empty(device=config.device)
-    generator = torch.Generator(device=config.device).manual_seed(config.seed)
-    with torch.no_grad():
-        for parameter in model.parameters():  # matrices random; vectors zero (Gemma's RMSNorm scales by 1 + w)
-            if parameter.ndim > 1:
-                parameter.normal_(0.0, 0.02, generator=generator)
-            else:
-                parameter.zero_()
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                module.weight.fill_(1.0)
-    return model.to(config.dtype).eval()
+    return random_mcat_model(get_preset(config.preset), config.device, config.dtype, config.seed).eval()
 
 
 def workload(model: MCATModel, config: InferenceBenchConfig):

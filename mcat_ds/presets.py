@@ -69,14 +69,16 @@ def tiny() -> MCATConfig:
                 cross_attention_every=1, pool_stride=5, mlp_hidden_size=256, dropout=0.0,
                 init="torch", query_init_std=0.02,
             ),
-            llm=LLMConfig(architecture="tiny-gemma2", dtype="fp32", train_embeddings="all"),
+            # eager attention and padded batches: what the demo's figures were measured with (on CPU,
+            # a packed row's attention mask covers all sequences of the micro-batch at once)
+            llm=LLMConfig(architecture="tiny-gemma2", dtype="fp32", train_embeddings="all", attn_implementation="eager"),
             lora=LoRAConfig(
                 rank=16, alpha=32, dropout=0.0,
                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
             ),
             languages=DEMO_LANGUAGES,
         ),
-        data=DataConfig(num_workers=0, features="worker"),
+        data=DataConfig(num_workers=0, features="worker", packing=False),
         optim=OptimConfig(lr=2e-3, warmup_steps=50, betas=(0.9, 0.98), schedule="constant"),
         stage=StageConfig(micro_batch_size=16, save_every=100, eval_every=100),
         runtime=RuntimeConfig(gradient_checkpointing=False),

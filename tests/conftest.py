@@ -119,8 +119,8 @@ def demo_shards(tmp_path_factory) -> Path:
     return build_demo_data(tmp_path_factory.mktemp("demo"))
 
 
-def deepspeed_training_command(*args: str, ranks: int = 2) -> list[str]:
-    """`deepspeed --num_gpus N launch/train.py ...` on a free port (CPU accelerator without a GPU)."""
+def deepspeed_command(*args: str, ranks: int = 2) -> list[str]:
+    """`deepspeed --num_gpus N ...` on a free port (CPU accelerator without a GPU)."""
     import socket
     import sys
 
@@ -128,7 +128,12 @@ def deepspeed_training_command(*args: str, ranks: int = 2) -> list[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     launcher = Path(sys.executable).with_name("deepspeed")
-    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), str(REPO / "launch" / "train.py"), *args]
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(port), *args]
+
+
+def deepspeed_training_command(*args: str, ranks: int = 2) -> list[str]:
+    """`deepspeed --num_gpus N launch/train.py ...`."""
+    return deepspeed_command(str(REPO / "launch" / "train.py"), *args, ranks=ranks)
 
 
 def read_metrics(path: Path) -> list[dict]:

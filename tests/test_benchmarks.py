@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from mcat_ds.benchmarking import read_rows
 
@@ -49,3 +51,13 @@ def test_bench_inference_smoke_counts_encoder_passes_and_matches_hf(tmp_path):
     assert values[("mcat translate path", "encoder_passes_per_utterance")] == 1
     assert values[("mcat translate path", "outputs_identical_to_hf_fraction")] == 1.0
     assert values[("mcat translate path", "seconds")] > 0
+
+
+def test_bench_train_smoke_same_loss_less_padding_fewer_logits(tmp_path):
+    table = tmp_path / "train.csv"
+    run_script("bench_train.py", "--smoke", "--csv", str(table))
+    values = {(r["implementation"].split(" ")[0], r["metric"]): float(r["value"]) for r in read_rows(table)}
+    assert values[("ours", "loss")] == pytest.approx(values[("naive", "loss")], rel=1e-4)  # same model, same batches
+    assert values[("ours", "padding_fraction")] == 0 < values[("naive", "padding_fraction")]
+    assert values[("ours", "logits_gib_fp32_per_step")] < values[("naive", "logits_gib_fp32_per_step")]
+    assert values[("ours", "samples_per_s")] > 0

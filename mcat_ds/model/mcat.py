@@ -13,11 +13,24 @@ from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.encoder import SpeechEncoder
 
 
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
+    """Summed fp32 cross-entropy of (..., V) logits against targets (IGNORE_INDEX skipped), upcasting
+    ``chunk_rows`` rows at a time rather than the whole (tokens x vocabulary) matrix at once."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], chunk_rows):
+        total = total + F.cross_entropy(logits[start:start + chunk_rows].float(), targets[start:start + chunk_rows],
+                                        ignore_index=IGNORE_INDEX, reduction="sum")
+    return total
+
+
 @dataclass
 class MCATOutput:
     loss: torch.Tensor | None
     """Mean cross-entropy over the label tokens of the batch (fp32)."""
     logits: torch.Tensor
+    """Logits of the positions that predict a label (all positions with ``full_logits`` or no labels)."""
     num_label_tokens: int
 
 
@@ -81,24 +94,32 @@ class MCATModel(nn.Module):
             )
         return tokens.masked_scatter(batch.speech_mask[..., None], speech.to(tokens.dtype))
 
-    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, batch: LLMBatch) -> MCATOutput:
+    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, batch: LLMBatch,
+                full_logits: bool = False) -> MCATOutput:
+        """Loss over the label tokens. The LM head runs only at the positions that predict a label
+        (Gemma's vocabulary is 256k: logits for the whole sequence would dwarf the rest of the
+        step's memory), and cross-entropy goes over them in chunks; ``full_logits`` (or no labels)
+        returns logits for every position instead."""
         embeds = self.input_embeddings(batch, self.speech_embeddings(features, feature_lengths))
+        predicting = None
+        if batch.labels is not None and not full_logits:
+            # position p predicts token p + 1: keep the positions whose next token is a label in any row
+            predicting = (batch.labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
         logits = self.llm(
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=False,
+            **({} if predicting is None else {"logits_to_keep": predicting}),
         ).logits
         if batch.labels is None:
             return MCATOutput(None, logits, 0)
-        labels = batch.labels[:, 1:]
-        num_label_tokens = int((labels != IGNORE_INDEX).sum())
-        loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        ) / max(num_label_tokens, 1)
+        if predicting is None:
+            targets, logits_for_targets = batch.labels[:, 1:], logits[:, :-1]
+        else:
+            targets, logits_for_targets = batch.labels[:, 1:][:, predicting], logits
+        num_label_tokens = int((targets != IGNORE_INDEX).sum())
+        loss = chunked_cross_entropy(logits_for_targets, targets) / max(num_label_tokens, 1)
         return MCATOutput(loss, logits, num_label_tokens)
 
     @torch.no_grad()

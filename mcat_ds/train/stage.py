@@ -116,7 +116,8 @@ class _ExampleStream:
         self.tokenizer, self.window, self.placement = tokenizer, window, placement
         self.selection = example_selection(config)
         self.collator = Collator(window, num_speech_tokens, tokenizer.pad_token_id,
-                                 features_in_workers=config.data.features == "worker")
+                                 features_in_workers=config.data.features == "worker",
+                                 padding_side="packed" if config.data.packing else "right")
         self.with_targets = with_targets
 
     def share(self, epoch: int):
@@ -256,7 +257,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
                 loss_sum += out.loss.item() * out.num_label_tokens * weight
                 tokens += out.num_label_tokens * weight
                 samples += len(batch.keys) * weight
-                llm_tokens += int(batch.llm.attention_mask.sum()) * weight
+                llm_tokens += batch.llm.num_tokens * weight
             step += 1
             loss_sum, tokens, samples, llm_tokens, skipped = _all_reduce_sum(
                 [loss_sum, tokens, samples, llm_tokens, skipped], placement)

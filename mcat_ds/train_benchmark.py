@@ -1,0 +1,154 @@
+"""Training throughput, side by side in one run: the naive path against ours.
+
+- naive: the modules as they come: the adapter's PyTorch path with one K/V projection per layer over
+  every frame, eager attention in the LLM, a batch padded to its longest sequence, logits over the
+  whole sequence and the whole vocabulary;
+- ours: the adapter's kernels (on CUDA) and one K/V GEMM over valid frames, the LLM's attention
+  chosen by ``auto`` (flash-attn when installed), one packed padding-free row, LM head and
+  cross-entropy on label positions only.
+
+Both train the same random model (a preset's real sizes, optionally only its first layers) on the
+same batches: speech of FLEURS-like lengths, SRT-like prompts, targets of 20-120 tokens. Each step is
+forward, backward and a fused AdamW step over the trainable parameters. Memory figures are
+counted where they cannot be measured (CPU): padding tokens removed by packing, logits not made.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from mcat_ds.batching import TokenizedExample, collate_examples
+from mcat_ds.benchmarking import Row
+from mcat_ds.build import count_parameters
+from mcat_ds.config import MCATConfig
+from mcat_ds.model.random import random_mcat_model
+from mcat_ds.presets import get_preset
+from mcat_ds.train.costs import peak_flops, step_flops
+
+
+@dataclass(frozen=True)
+class TrainBenchConfig:
+    preset: str = "small-9b"
+    batch: int = 8
+    steps: int = 10
+    warmup_steps: int = 2
+    target_tokens: tuple[int, int] = (20, 120)
+    llm_layers: int | None = None
+    encoder_layers: int | None = None
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+
+
+def variant_configs(config: TrainBenchConfig) -> dict[str, tuple[MCATConfig, bool]]:
+    """name -> (model config, packed batches)."""
+    base = get_preset(config.preset)
+    naive = copy.deepcopy(base)
+    naive.model.adapter = replace(naive.model.adapter, kernels="torch", kv_projection="per_layer")
+    naive.model.llm.attn_implementation = "eager"
+    ours = copy.deepcopy(base)
+    ours.model.adapter = replace(ours.model.adapter, kernels="auto", kv_projection="varlen")
+    ours.model.llm.attn_implementation = "auto"
+    return {"naive (padded, eager, full logits)": (naive, False), "ours (packed, label logits)": (ours, True)}
+
+
+def workload(config: TrainBenchConfig, window_frames: int, vocab: int, bos: int, eos: int):
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = []
+    for _ in range(config.warmup_steps + config.steps):
+        lengths = (window_frames * (0.1 + 0.73 * torch.rand(config.batch, generator=generator))).long()
+        examples = []
+        for _ in range(config.batch):
+            low, high = config.target_tokens
+            target = torch.randint(4, vocab, (int(torch.randint(low, high + 1, (1,), generator=generator)),),
+                                   generator=generator).tolist()
+            prompt = (bos, *torch.randint(4, vocab, (2,), generator=generator).tolist())
+            examples.append(TokenizedExample(prompt, tuple(target) + (eos,)))
+        batches.append((lengths, examples))
+    return batches
+
+
+def random_log_mel(model, lengths: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """Log-mel-like features of the given lengths, the rest at the padding value."""
+    features = torch.full((len(lengths), model.encoder.num_mel_bins, model.encoder.window_frames), -0.6)
+    for row, length in enumerate(lengths.tolist()):
+        features[row, :, :length] = torch.rand(model.encoder.num_mel_bins, length) * 2 - 0.6
+    return features.to(device, dtype)
+
+
+def bench_training(config: TrainBenchConfig) -> list[Row]:
+    cuda = config.device.startswith("cuda")
+    rows = []
+    results = {}
+    for name, (model_config, packed) in variant_configs(config).items():
+        model = random_mcat_model(model_config, config.device, config.dtype, config.seed,
+                                  config.llm_layers, config.encoder_layers)
+        model.encoder.requires_grad_(False)
+        model.train()
+        counts = count_parameters(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=cuda or None)
+        llm = model.llm.get_base_model().config
+        vocab = model.llm.get_input_embeddings().weight.shape[0]
+        data = workload(config, model.encoder.window_frames, llm.vocab_size, llm.bos_token_id or 2, model.eos_token_id)
+        batches = []
+        for lengths, examples in data:
+            batch = collate_examples(examples, model.num_speech_tokens, model.pad_token_id,
+                                     "packed" if packed else "right")
+            batches.append((lengths, batch))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        samples = tokens = padded_tokens = logit_rows = 0
+        losses = []
+        elapsed = 0.0
+        for step, (lengths, batch) in enumerate(batches):
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            features = random_log_mel(model, lengths, config.device, config.dtype)
+            out = model(features, lengths.to(config.device), batch.to(config.device), full_logits=not packed)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if step >= config.warmup_steps:
+                elapsed += time.perf_counter() - started
+                samples += len(lengths)
+                tokens += batch.num_tokens
+                padded_tokens += batch.input_ids.numel()
+                logit_rows += out.logits.shape[0] * out.logits.shape[1]
+                losses.append(out.loss.item())
+        shape = (f"{config.preset}{f' first {config.llm_layers} LLM layers' if config.llm_layers else ''}"
+                 f"{f', {config.encoder_layers} encoder layers' if config.encoder_layers else ''}, random weights, "
+                 f"batch {config.batch}, targets {config.target_tokens[0]}-{config.target_tokens[1]} tokens, "
+                 f"{str(config.dtype).split('.')[-1]}")
+        flops = step_flops(counts, tokens, samples, model.encoder.window_frames // 2, model_config, model.encoder.width)
+        peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
+        results[name] = {
+            "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+            "padding_fraction": 1 - tokens / padded_tokens,
+            "logits_gib_fp32_per_step": logit_rows * vocab * 4 / 2**30 / config.steps,
+            "mfu": flops / elapsed / peak if peak else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "loss": sum(losses) / len(losses),
+        }
+        del model, optimizer, trainable
+        if cuda:
+            torch.cuda.empty_cache()
+    baseline = results["naive (padded, eager, full logits)"]
+    for name, values in results.items():
+        for metric, value in values.items():
+            if value is None:
+                continue
+            ratio = None
+            if metric in ("samples_per_s", "tokens_per_s"):
+                ratio = value / baseline[metric]
+            elif metric in ("peak_memory_gib", "logits_gib_fp32_per_step") and baseline[metric]:
+                ratio = value / baseline[metric]
+            rows.append(Row("training", shape, name, metric, value, ratio))
+    return rows

@@ -1,0 +1,96 @@
+"""Padding-free packed batches and the label-position loss give what the padded, full-logits model gives."""
+
+import pytest
+import torch
+
+from mcat_ds.batching import IGNORE_INDEX, collate_examples, tokenize_example
+from mcat_ds.build import build_model
+from mcat_ds.model.mcat import chunked_cross_entropy
+from conftest import random_features
+
+EXAMPLES = [("<|eng|><|deu|>", "Regnet es morgen?"), ("<|cmn|>", "明天会下雨吗"), ("<|fra|><|eng|>", "Will it rain?"),
+            ("Il pleut<|fra|><|deu|>", "Es regnet heute nicht, sagt man")]
+
+
+def batches(model, tokenizer):
+    tokenized = [tokenize_example(tokenizer.hf, prompt, target) for prompt, target in EXAMPLES]
+    pad = tokenizer.hf.pad_token_id
+    return (collate_examples(tokenized, model.num_speech_tokens, pad, "right"),
+            collate_examples(tokenized, model.num_speech_tokens, pad, "packed"))
+
+
+def trainable_grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("llm, attention", [("gemma2", "eager"), ("gemma3", "eager"), ("gemma3", "sdpa")])
+def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_config, llm, attention):
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_config(llm, f"model.llm.attn_implementation={attention}"))
+    model.train()
+    padded, packed = batches(model, tokenizer)
+    assert packed.input_ids.shape[0] == 1 and packed.attention_mask is None
+    assert packed.num_tokens == padded.num_tokens < padded.input_ids.numel()  # no padding left
+    features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        out = model(features, lengths, batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.num_label_tokens, trainable_grads(model)))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_attention_never_crosses_packed_sequences(tiny_config):
+    """Changing every token of the other sequences leaves one sequence's logits unchanged."""
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_config("gemma3", "model.llm.attn_implementation=sdpa"))
+    model.eval()
+    _, packed = batches(model, tokenizer)
+    features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
+    first = int((packed.position_ids[0] == 0).nonzero()[1])  # where the second sequence starts
+    base = model(features, lengths, packed, full_logits=True).logits[0, :first]
+    changed = packed.input_ids.clone()
+    changed[0, first:] = torch.where(packed.speech_mask[0, first:], changed[0, first:], 5)
+    other_features = features.clone()
+    other_features[1:] = torch.randn_like(features[1:])
+    altered = type(packed)(changed, None, packed.position_ids, packed.speech_mask, packed.labels)
+    torch.testing.assert_close(model(other_features, lengths, altered, full_logits=True).logits[0, :first], base)
+
+
+@pytest.mark.parametrize("llm", ["gemma2", "gemma3"])
+def test_label_position_logits_give_the_full_logits_loss(tiny_config, llm):
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_config(llm))
+    model.eval()
+    padded, _ = batches(model, tokenizer)
+    features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
+    fast = model(features, lengths, padded)
+    full = model(features, lengths, padded, full_logits=True)
+    assert fast.logits.shape[1] < full.logits.shape[1]  # the LM head ran on fewer positions
+    expected = torch.nn.functional.cross_entropy(
+        full.logits[:, :-1].float().reshape(-1, full.logits.shape[-1]), padded.labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(fast.loss, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(full.loss, expected, atol=1e-6, rtol=1e-6)
+    if llm == "gemma2":  # the soft-capped logits are what the loss sees
+        assert model.llm.config.final_logit_softcapping and full.logits.abs().max() <= model.llm.config.final_logit_softcapping
+
+
+def test_chunked_cross_entropy_equals_one_pass():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 7), generator=generator)
+    targets[0, :3] = IGNORE_INDEX
+    chunked = chunked_cross_entropy(logits, targets, chunk_rows=4)
+    whole = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                              reduction="sum")
+    torch.testing.assert_close(chunked, whole)
+    (grad_chunked,) = torch.autograd.grad(chunked, logits)
+    (grad_whole,) = torch.autograd.grad(whole, logits)
+    torch.testing.assert_close(grad_chunked, grad_whole)
