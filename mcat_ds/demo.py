@@ -20,7 +20,7 @@ import torch
 
 from mcat_ds.checkpoint import load_checkpoint
 from mcat_ds.curriculum import stage_names
-from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram
+from mcat_ds.data.audio import FeatureWindow
 from mcat_ds.data.demo import build_demo_data
 from mcat_ds.data.loader import Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import PlannedExample

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +21,6 @@ def test_zero2_moves_the_trainable_gradients_once_and_gathers_the_updated_half()
     # per step (plus the 4-byte global norm), then each rank gathers the parameters the other updated
     assert ratios["all_reduce"] == pytest.approx(1.0, abs=1e-3)
     assert ratios["all_gather_into_tensor"] == pytest.approx(1 / measured["world_size"], abs=1e-3)
+    # and the ranks removed DeepSpeed's per-run shared-memory buffers (66 MB each) on exit
+    port = command[command.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -16,11 +16,11 @@ import deepspeed
 import torch
 
 from mcat_ds.batching import collate_examples
+from mcat_ds.model.random import random_mcat_model
 from mcat_ds.presets import get_preset
-from mcat_ds.train.distributed import setup_distributed
+from mcat_ds.train.distributed import remove_shared_memory_buffers, setup_distributed
 from mcat_ds.train.engine import deepspeed_config, make_optimizer
 from mcat_ds.train_benchmark import TrainBenchConfig, random_log_mel, workload
-from mcat_ds.model.random import random_mcat_model
 
 
 def measure(preset: str = "tiny", engine: str = "zero2_bf16", steps: int = 3, llm_layers: int | None = None) -> dict:
@@ -65,6 +65,7 @@ def measure(preset: str = "tiny", engine: str = "zero2_bf16", steps: int = 3, ll
         "bytes_per_step": dict(per_op), "calls_per_step": {op: n / steps for op, n in calls.items()},
         "ratio_to_trainable_gradients": {op: b / (trainable * gradient_bytes) for op, b in per_op.items()},
     }
+    remove_shared_memory_buffers(placement)
     return result if placement.rank == 0 else {}
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import socket
 
 import deepspeed
@@ -53,3 +54,14 @@ def setup_distributed() -> Placement:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return Placement(dist.get_rank(), dist.get_world_size(), device)
+
+
+def remove_shared_memory_buffers(placement: Placement) -> None:
+    """DeepSpeed's CPU accelerator allreduces through a /dev/shm file per rank and run
+    (``deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``, 66 MB each) and never removes it; dozens of
+    CPU runs fill the shared memory of a laptop or CI machine. Each rank removes its own at exit."""
+    if placement.on_gpu:
+        return
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{address}_{port}_{placement.rank}"):
+        path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from mcat_ds.data.demo import build_demo_data
 from mcat_ds.data.shards import ShardReader, load_index
 from mcat_ds.presets import get_preset, resolve_config
 from mcat_ds.tiny import write_tiny_llm, write_tiny_whisper
-from mcat_ds.train.distributed import setup_distributed
+from mcat_ds.train.distributed import remove_shared_memory_buffers, setup_distributed
 from mcat_ds.train.preemption import PREEMPTED_EXIT_CODE, install_handlers
 from mcat_ds.train.stage import Placement, run_stage
 
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        remove_shared_memory_buffers(placement)
 
 
 if __name__ == "__main__":
