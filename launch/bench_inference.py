@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mcat_ds.benchmarking import append_rows
+from mcat_ds.benchmarking import report
 from mcat_ds.inference_benchmark import InferenceBenchConfig, bench_inference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,14 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         utterances=12 if args.smoke else args.utterances, targets_per_utterance=3 if args.smoke else args.targets,
         batch=8 if args.smoke else args.batch, max_new_tokens=6 if args.smoke else args.max_new_tokens)
     rows = bench_inference(config)
-    for row in rows:
-        ratio = "" if row.ratio is None else f"  x{row.ratio:.2f}"
-        print(f"{row.implementation:44s} {row.metric:34s} {row.value:10.4g}{ratio}")
-    print(f"[{rows[0].shape}]")
-    csv_path = args.csv or (None if args.smoke else str(REPO / "benchmarks" / "inference.csv"))
-    if csv_path:
-        append_rows(csv_path, rows)
-        print(f"appended {len(rows)} rows to {csv_path}")
+    report(rows, args.csv or (None if args.smoke else str(REPO / "benchmarks" / "inference.csv")))
 
 
 if __name__ == "__main__":

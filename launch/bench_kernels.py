@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mcat_ds.benchmarking import append_rows, device_name, latest_run, plot_times, read_rows
+from mcat_ds.benchmarking import device_name, latest_run, plot_times, read_rows, report
 from mcat_ds.model.benchmark import (
     KernelBenchConfig,
     bench_adapter,
@@ -70,15 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_adapter(config, measure, adapter_config, encoder_width, llm_width)
     if "accounting" in parts:
         rows += padding_accounting(config, adapter_config, encoder_width, samples=100 if args.smoke else 10_000)
-    for row in rows:
-        ratio = "" if row.ratio is None else f"  x{row.ratio:.2f}"
-        print(f"{row.benchmark:24s} {row.implementation:44s} {row.value:10.4g} {row.metric}{ratio}   [{row.shape}]")
     csv_path = args.csv or (None if args.smoke else str(REPO / "benchmarks" / "kernels.csv"))
+    report(rows, csv_path)
     if csv_path:
-        append_rows(csv_path, rows)
         plot_path = args.plot or str(Path(csv_path).with_suffix(".png"))
         plot_times(latest_run(read_rows(csv_path), name), plot_path, f"{name}, {latest_run(read_rows(csv_path), name)[-1]['date']}")
-        print(f"appended {len(rows)} rows to {csv_path}; plot: {plot_path}")
+        print(f"plot: {plot_path}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mcat_ds.benchmarking import append_rows
+from mcat_ds.benchmarking import report
 from mcat_ds.train_benchmark import TrainBenchConfig, bench_training
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,14 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         batch=4 if args.smoke else args.batch, steps=2 if args.smoke else args.steps,
         warmup_steps=1 if args.smoke else 2, llm_layers=args.llm_layers, encoder_layers=args.encoder_layers)
     rows = bench_training(config)
-    for row in rows:
-        ratio = "" if row.ratio is None else f"  x{row.ratio:.2f}"
-        print(f"{row.implementation:36s} {row.metric:26s} {row.value:12.4g}{ratio}")
-    print(f"[{rows[0].shape}]")
-    csv_path = args.csv or (None if args.smoke else str(REPO / "benchmarks" / "train.csv"))
-    if csv_path:
-        append_rows(csv_path, rows)
-        print(f"appended {len(rows)} rows to {csv_path}")
+    report(rows, args.csv or (None if args.smoke else str(REPO / "benchmarks" / "train.csv")))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,18 @@ def append_rows(path: str | Path, rows: list[Row]) -> None:
             writer.writerow({**stamp, **values})
 
 
+def report(rows: list[Row], csv_path: str | Path | None) -> None:
+    """Print the rows (what a benchmark script shows) and append them to ``csv_path`` when given."""
+    for row in rows:
+        ratio = "" if row.ratio is None else f"  x{row.ratio:.2f}"
+        print(f"{row.benchmark:24s} {row.implementation:44s} {row.metric:30s} {row.value:12.4g}{ratio}")
+    if len({row.shape for row in rows}) == 1:
+        print(f"[{rows[0].shape}]")
+    if csv_path:
+        append_rows(csv_path, rows)
+        print(f"appended {len(rows)} rows to {csv_path}")
+
+
 def rate(work: Callable[[], int], min_seconds: float) -> float:
     """Items per second of ``work`` (which returns how many items it did), repeated for at least
     ``min_seconds`` after one warm-up call."""

@@ -242,6 +242,11 @@ def _part_path(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.name}.part{rank}")
 
 
+def _part_paths(out: Path) -> list[Path]:
+    """Every rank's part file, whatever the world size of the run that wrote them."""
+    return sorted(out.parent.glob(f"{out.name}.part*"))
+
+
 def _utterance_chunks(pending: dict[int, list[Request]], entries: list[IndexEntry], config: TranslateConfig):
     """Utterances longest first, grouped until their requests fill a decode batch (or the encoder
     batch is full)."""
@@ -280,7 +285,7 @@ def translate(model: MCATModel, tokenizer, data_dir: str | Path, out: str | Path
     data_dir = Path(data_dir)
     entries = load_index(data_dir)
     requests = plan_requests(entries, config)
-    done = _read_done([out, *(_part_path(out, r) for r in range(max(world_size, 64)))])
+    done = _read_done([out, *_part_paths(out)])
     summary = TranslateSummary(requests=len(requests), already_done=sum(r.id in done for r in requests))
     mine = [r for r in requests if r.id not in done and r.entry % world_size == rank]
     pending: dict[int, list[Request]] = defaultdict(list)
@@ -344,14 +349,14 @@ def translate(model: MCATModel, tokenizer, data_dir: str | Path, out: str | Path
     if barrier is not None:
         barrier()
     if rank == 0:
-        merge_outputs(out, requests, world_size)
+        merge_outputs(out, requests)
         out.with_name(out.name + ".summary.json").write_text(json.dumps(asdict(summary), indent=1) + "\n")
     return summary
 
 
-def merge_outputs(out: Path, requests: list[Request], world_size: int) -> None:
+def merge_outputs(out: Path, requests: list[Request]) -> None:
     """Output and part files -> the output in input order (atomic replace), part files removed."""
-    parts = [_part_path(out, r) for r in range(max(world_size, 64))]
+    parts = _part_paths(out)
     done = _read_done([out, *parts])
     order = {r.id: r.order for r in requests}
     records = sorted((record for record in done.values() if record["id"] in order), key=lambda r: order[r["id"]])

@@ -16,7 +16,7 @@ from mcat_ds.batching import TokenizedExample, collate_examples
 from mcat_ds.benchmarking import Row
 from mcat_ds.inference import DecodeCounters, TranslateConfig, decode_requests
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
-from mcat_ds.model.random import random_mcat_model
+from mcat_ds.model.random import fleurs_like_lengths, random_log_mel, random_mcat_model
 from mcat_ds.presets import get_preset
 
 
@@ -42,20 +42,12 @@ def workload(model: MCATModel, config: InferenceBenchConfig):
     <bos> + two tag tokens, one per (utterance, target)."""
     generator = torch.Generator().manual_seed(config.seed)
     window = model.encoder.window_frames
-    lengths = (window * (0.1 + 0.73 * torch.rand(config.utterances, generator=generator))).long()
+    lengths = fleurs_like_lengths(config.utterances, window, generator)
     vocab = model.llm.get_input_embeddings().weight.shape[0]
     bos = model.llm.config.bos_token_id or 2
     prompts = [[TokenizedExample((bos, *torch.randint(4, vocab, (2,), generator=generator).tolist()))
                 for _ in range(config.targets_per_utterance)] for _ in range(config.utterances)]
     return lengths, prompts
-
-
-def features_for(model: MCATModel, lengths: torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(int(lengths.sum()))
-    features = torch.full((len(lengths), model.encoder.num_mel_bins, model.encoder.window_frames), -0.6)
-    for row, length in enumerate(lengths.tolist()):
-        features[row, :, :length] = torch.rand(model.encoder.num_mel_bins, length, generator=generator) * 2 - 0.6
-    return features.to(device, dtype)
 
 
 def _synchronize(device: str) -> None:
@@ -75,7 +67,7 @@ def run_hf_generate(model: MCATModel, lengths, prompts, config: InferenceBenchCo
     for first in range(0, len(requests), config.batch):
         chunk = requests[first:first + config.batch]
         utterances = torch.tensor([u for u, _ in chunk])
-        features = features_for(model, lengths[utterances], config.device, config.dtype)
+        features = random_log_mel(model, lengths[utterances], utterances.tolist(), config.device, config.dtype, config.seed)
         batch = collate_examples([p for _, p in chunk], model.num_speech_tokens, pad, "left").to(config.device)
         generated = model.generate(features, lengths[utterances].to(config.device), batch, options)
         for (u, _), ids in zip(chunk, generated):
@@ -102,7 +94,7 @@ def run_ours(model: MCATModel, lengths, prompts, config: InferenceBenchConfig,
     encoder_rows = 0
     for first in range(0, len(order), per_chunk):
         utterances = torch.tensor(order[first:first + per_chunk])
-        features = features_for(model, lengths[utterances], config.device, config.dtype)
+        features = random_log_mel(model, lengths[utterances], utterances.tolist(), config.device, config.dtype, config.seed)
         speech = model.speech_embeddings(features, lengths[utterances].to(config.device))
         encoder_rows += len(utterances)
         requests = [(slot, u, t) for slot, u in enumerate(utterances.tolist()) for t in range(config.targets_per_utterance)]

@@ -25,7 +25,7 @@ from mcat_ds.batching import TokenizedExample, collate_examples
 from mcat_ds.benchmarking import Row
 from mcat_ds.build import count_parameters
 from mcat_ds.config import MCATConfig
-from mcat_ds.model.random import random_mcat_model
+from mcat_ds.model.random import fleurs_like_lengths, random_log_mel, random_mcat_model
 from mcat_ds.presets import get_preset
 from mcat_ds.train.costs import peak_flops, step_flops
 
@@ -60,7 +60,7 @@ def workload(config: TrainBenchConfig, window_frames: int, vocab: int, bos: int,
     generator = torch.Generator().manual_seed(config.seed)
     batches = []
     for _ in range(config.warmup_steps + config.steps):
-        lengths = (window_frames * (0.1 + 0.73 * torch.rand(config.batch, generator=generator))).long()
+        lengths = fleurs_like_lengths(config.batch, window_frames, generator)
         examples = []
         for _ in range(config.batch):
             low, high = config.target_tokens
@@ -70,14 +70,6 @@ def workload(config: TrainBenchConfig, window_frames: int, vocab: int, bos: int,
             examples.append(TokenizedExample(prompt, tuple(target) + (eos,)))
         batches.append((lengths, examples))
     return batches
-
-
-def random_log_mel(model, lengths: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
-    """Log-mel-like features of the given lengths, the rest at the padding value."""
-    features = torch.full((len(lengths), model.encoder.num_mel_bins, model.encoder.window_frames), -0.6)
-    for row, length in enumerate(lengths.tolist()):
-        features[row, :, :length] = torch.rand(model.encoder.num_mel_bins, length) * 2 - 0.6
-    return features.to(device, dtype)
 
 
 def bench_training(config: TrainBenchConfig) -> list[Row]:
@@ -109,7 +101,8 @@ def bench_training(config: TrainBenchConfig) -> list[Row]:
             if cuda:
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            features = random_log_mel(model, lengths, config.device, config.dtype)
+            ids = list(range(step * config.batch, (step + 1) * config.batch))
+            features = random_log_mel(model, lengths, ids, config.device, config.dtype, config.seed)
             out = model(features, lengths.to(config.device), batch.to(config.device), full_logits=not packed)
             out.loss.backward()
             optimizer.step()

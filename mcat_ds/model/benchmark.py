@@ -32,13 +32,12 @@ from mcat_ds.benchmarking import Row
 from mcat_ds.config import AdapterConfig
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.blip2_reference import ReleaseQFormerPoolAdapter
+from mcat_ds.model.random import WINDOW_SECONDS, fleurs_like_lengths
 from mcat_ds.release import release_adapter_state
 from mcat_kernels.cross_attention import cross_attention_reference, key_padding_mask, qformer_cross_attention
 from mcat_kernels.dispatch import interpreter_active
 
 FRAMES_PER_SECOND = 50  # Whisper encoder frames per second of audio
-WINDOW_SECONDS = 30
-FLEURS_SECONDS = (3.0, 25.0)
 
 # Peak HBM bandwidth in GB/s (vendor data sheets), matched against torch.cuda.get_device_name().
 MEMORY_ROOFLINE_GB_PER_S = {
@@ -82,13 +81,6 @@ def smoke_config() -> KernelBenchConfig:
     return KernelBenchConfig(batch=2, heads=2, queries=15, keys=60, head_dim=16, adapter_batch=2,
                              dtype=torch.float32, device="cpu", triton=interpreter_active(),
                              warmup_ms=0.0, rep_ms=0.0)
-
-
-def fleurs_like_lengths(batch: int, keys: int, generator: torch.Generator) -> torch.Tensor:
-    """Valid encoder frames of utterances drawn uniformly from 3-25 s, scaled to a ``keys``-frame window."""
-    low, high = (s / WINDOW_SECONDS for s in FLEURS_SECONDS)
-    fraction = low + (high - low) * torch.rand(batch, generator=generator)
-    return (fraction * keys).round().clamp(1, keys).long()
 
 
 def timer(config: KernelBenchConfig) -> Callable[..., float]:

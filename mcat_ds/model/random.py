@@ -16,3 +16,27 @@ def random_mcat_model(config: MCATConfig, device: str, dtype: torch.dtype, seed:
     torch.manual_seed(seed)
     model = build_model_skeleton(config, device, llm_layers=llm_layers, encoder_layers=encoder_layers)
     return model.to(dtype)
+
+
+WINDOW_SECONDS = 30
+FLEURS_SECONDS = (3.0, 25.0)
+"""FLEURS utterance lengths are drawn uniformly from this range (its average is ~10-14 s)."""
+
+
+def fleurs_like_lengths(count: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """Valid frames of utterances drawn uniformly from 3-25 s, scaled to a ``window``-frame 30 s window."""
+    low, high = (s / WINDOW_SECONDS for s in FLEURS_SECONDS)
+    fraction = low + (high - low) * torch.rand(count, generator=generator)
+    return (fraction * window).round().clamp(1, window).long()
+
+
+def random_log_mel(model: MCATModel, lengths: torch.Tensor, utterance_ids: list[int], device, dtype: torch.dtype,
+                   seed: int = 0) -> torch.Tensor:
+    """Log-mel-like features (Whisper's value range) of the given lengths, padding at its padded value.
+    Each utterance's features depend only on its id, so every batching of it sees the same input."""
+    bins, window = model.encoder.num_mel_bins, model.encoder.window_frames
+    features = torch.full((len(lengths), bins, window), -0.6)
+    for row, (length, utterance) in enumerate(zip(lengths.tolist(), utterance_ids)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + utterance)
+        features[row, :, :length] = torch.rand(bins, length, generator=generator) * 2 - 0.6
+    return features.to(device, dtype)

@@ -16,11 +16,11 @@ import deepspeed
 import torch
 
 from mcat_ds.batching import collate_examples
-from mcat_ds.model.random import random_mcat_model
+from mcat_ds.model.random import random_log_mel, random_mcat_model
 from mcat_ds.presets import get_preset
 from mcat_ds.train.distributed import remove_shared_memory_buffers, setup_distributed
 from mcat_ds.train.engine import deepspeed_config, make_optimizer
-from mcat_ds.train_benchmark import TrainBenchConfig, random_log_mel, workload
+from mcat_ds.train_benchmark import TrainBenchConfig, workload
 
 
 def measure(preset: str = "tiny", engine: str = "zero2_bf16", steps: int = 3, llm_layers: int | None = None) -> dict:
@@ -43,7 +43,8 @@ def measure(preset: str = "tiny", engine: str = "zero2_bf16", steps: int = 3, ll
 
     def run(lengths, examples):
         batch = collate_examples(examples, model.num_speech_tokens, model.pad_token_id, "packed")
-        out = engine_(random_log_mel(model, lengths, placement.device, next(model.adapter.parameters()).dtype),
+        out = engine_(random_log_mel(model, lengths, list(range(len(lengths))), placement.device,
+                                     next(model.adapter.parameters()).dtype),
                       lengths.to(placement.device), batch.to(placement.device))
         engine_.backward(out.loss)
         engine_.step()
