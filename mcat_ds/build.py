@@ -19,6 +19,7 @@ from mcat_ds.architectures import TOKENIZER_SIZES, llm_config, whisper_config
 from mcat_ds.config import MCATConfig, ModelConfig
 from mcat_ds.languages import LANGUAGES
 from mcat_ds.model.adapter import SpeechAdapter
+from mcat_ds.model.attention import resolve_attn_implementation
 from mcat_ds.model.encoder import SpeechEncoder
 from mcat_ds.model.mcat import MCATModel
 
@@ -89,22 +90,6 @@ def load_whisper_encoder(path: str, dtype: torch.dtype) -> WhisperEncoder:
         raise CheckpointError(f"{directory} is a {config.model_type!r} checkpoint, not Whisper")
     state = _read_renamed(directory, _WHISPER_ENCODER_PREFIXES)
     return _from_state(WhisperEncoder, config, state, dtype, directory)
-
-
-def resolve_attn_implementation(requested: str, llm_config: transformers.PretrainedConfig) -> str:
-    """``auto``: the flash-attn package's kernels on CUDA when installed (varlen over packed
-    sequences, Gemma's soft-capping and sliding windows); else SDPA where the architecture supports
-    it under this transformers version (Gemma3; not Gemma2, whose soft-capping SDPA cannot do);
-    else eager. Packed batches are masked per sequence on every path (transformers builds the
-    document mask from the restarting position ids)."""
-    if requested != "auto":
-        return requested
-    import importlib.util
-
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    model_class = transformers.AutoModelForCausalLM._model_mapping[type(llm_config)]
-    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str) -> transformers.PreTrainedModel:

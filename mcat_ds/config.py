@@ -80,8 +80,9 @@ class LLMConfig:
     """Built-in architecture used when no checkpoint is given (parameter counts, random tiny models)."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     attn_implementation: str = "auto"
-    """``auto``: flash-attn when installed on CUDA, else SDPA where supported, else eager (see
-    ``mcat_ds.build.resolve_attn_implementation``); or any transformers implementation name."""
+    """``auto``: flash-attn when installed on CUDA, else FlexAttention on CUDA, else SDPA where it
+    keeps the architecture's numerics, else eager (see ``mcat_ds.model.attention``); or any
+    transformers implementation name."""
     language_tags: Literal["special", "text"] = "special"
     """``special``: each ``<|xxx|>`` tag is one new token whose embedding trains; ``text``: tags are
     ordinary text split by the tokenizer, as in the release (needed to load release checkpoints)."""

@@ -38,6 +38,7 @@ from mcat_ds.config import Task
 from mcat_ds.data.audio import AudioError, FeatureWindow, LogMelSpectrogram, decode_audio, feature_frames, pad_waveforms
 from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, load_index
 from mcat_ds.languages import get_language
+from mcat_ds.model.attention import use_decoding_attention
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
 from mcat_ds.prompts import build_prompt, split_srt_output
 
@@ -153,6 +154,7 @@ def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor, max_n
     """Greedy decoding over the KV cache from left-padded prompt embeddings; new ids per row, up to
     (not including) end-of-sequence. Positions follow HF ``generate`` (cumulative mask, pads at 1)."""
     counters = counters or DecodeCounters()
+    use_decoding_attention(llm)
     batch = embeds.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

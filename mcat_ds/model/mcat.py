@@ -10,6 +10,7 @@ from torch import nn
 
 from mcat_ds.batching import IGNORE_INDEX, LLMBatch
 from mcat_ds.model.adapter import SpeechAdapter
+from mcat_ds.model.attention import use_decoding_attention
 from mcat_ds.model.encoder import SpeechEncoder
 
 
@@ -141,6 +142,7 @@ class MCATModel(nn.Module):
         if bool(prompts.attention_mask[:, -1].eq(0).any()):
             raise ValueError("generation needs left-padded prompts (collate_examples(..., padding_side='left'))")
         embeds = self.input_embeddings(prompts, speech)
+        use_decoding_attention(self.llm)
         output = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=prompts.attention_mask,
