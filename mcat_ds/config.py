@@ -180,6 +180,9 @@ class RuntimeConfig:
     """A file in ds_configs/ (name without .json) or a path to a DeepSpeed JSON of engine settings."""
     gradient_checkpointing: bool = True
     """Recompute the LLM's activations in backward (memory for compute)."""
+    checkpointing_policy: Literal["selective", "full"] = "selective"
+    """With gradient_checkpointing: ``selective`` keeps matmul and attention outputs and recomputes
+    the elementwise rest; ``full`` keeps only each layer's input (see ``mcat_ds.model.checkpointing``)."""
     keep_checkpoints: int = 2
     seed: int = 0
 

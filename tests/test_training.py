@@ -110,9 +110,11 @@ def test_every_engine_file_trains_the_same_curve(engine, uninterrupted, small_sh
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (engine, got["step"])
 
 
-def test_packed_micro_batches_train_the_padded_curve(uninterrupted, small_shards, tmp_path):
-    """The trainer with padding-free packed rows: same examples, same tokens, the same losses."""
-    result = run(train(tmp_path, small_shards, "--set", "data.packing=true"))
+def test_packed_checkpointed_micro_batches_train_the_padded_curve(uninterrupted, small_shards, tmp_path):
+    """The trainer with padding-free packed rows (and selective activation checkpointing): same
+    examples, same tokens, the same losses."""
+    result = run(train(tmp_path, small_shards, "--set", "data.packing=true",
+                       "--set", "runtime.gradient_checkpointing=true", "--set", "runtime.checkpointing_policy=selective"))
     assert result.returncode == 0, result.stderr[-4000:]
     expected = read_metrics(uninterrupted / "asr-l2" / "metrics.jsonl")
     for got, want in zip(read_metrics(tmp_path / "asr-l2" / "metrics.jsonl"), expected, strict=True):

@@ -65,11 +65,17 @@ def estimate_gpu_memory(counts: ParameterCounts, config: MCATConfig, llm_width: 
     gradients = counts.trainable * 2 / (world_size if zero_stage >= 2 else 1)
     trainable = counts.trainable * bytes_per_weight + gradients + optimizer
     tokens = config.stage.micro_batch_size * tokens_per_sample
-    # Checkpointed layers keep their input; one layer at a time holds its full activations (~34 bytes
-    # per token and hidden unit in bf16, with the MLP's wide intermediate).
+    # Bytes per token and hidden unit one layer holds for backward in bf16: all of it ~34 (with the
+    # MLP's 4x-wide intermediate); selective checkpointing keeps its matmul and attention outputs ~27
+    # (q, k, v, attention, o, gate, up, down); full checkpointing keeps only its input (2), plus one layer's 34 while it is
+    # recomputed.
     per_layer_input = tokens * llm_width * 2
-    activations = (llm_layers * per_layer_input + 34 * tokens * llm_width) if config.runtime.gradient_checkpointing \
-        else llm_layers * 34 * tokens * llm_width
+    if not config.runtime.gradient_checkpointing:
+        activations = llm_layers * 34 * tokens * llm_width
+    elif config.runtime.checkpointing_policy == "selective":
+        activations = llm_layers * 27 * tokens * llm_width
+    else:
+        activations = llm_layers * per_layer_input + 34 * tokens * llm_width
     logits = tokens * vocab * 4 * 2  # fp32 logits and their gradient
     return MemoryEstimate(frozen, trainable, activations, logits)
 
@@ -93,6 +99,6 @@ def check_memory_fits(config: MCATConfig, world_size: int, zero_stage: int, offl
             f"{world_size} GPU(s) and micro-batch {config.stage.micro_batch_size}, but {device_name} has "
             f"{device_bytes / 2**30:.1f} GiB. Try --set runtime.engine=zero3 (shards the frozen weights), "
             f"runtime.engine=zero2_offload, a smaller stage.micro_batch_size with more stage.grad_accum_steps, "
-            f"or runtime.gradient_checkpointing=true"
+            f"or runtime.gradient_checkpointing=true with runtime.checkpointing_policy=full"
         )
     return estimate

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mcat_ds.build import CheckpointError, build_model, count_parameters
+from mcat_ds.model.checkpointing import enable_activation_checkpointing
 from mcat_ds.checkpoint import CONFIG_FILE, load_trainable_weights, save_checkpoint
 from mcat_ds.config import ConfigError, MCATConfig
 from mcat_ds.curriculum import example_selection
@@ -196,7 +197,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
     if start is not None:
         load_trainable_weights(model, tokenizer, start)
     if config.runtime.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.llm, config.runtime.checkpointing_policy)
     model.to(placement.device)
     optimizer = make_optimizer(model, config, placement.on_gpu, offloaded=bool(zero.get("offload_optimizer")))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
