@@ -1,7 +1,8 @@
 """Training-throughput benchmark: the naive path vs ours, same model and batches, one run.
 
     python launch/bench_train.py                          # GPU: small-9b sizes, random weights, bf16, batch 8
-    python launch/bench_train.py --preset large-27b --llm-layers 20   # as many 27B layers as fit, per layer
+    python launch/bench_train.py --preset large-27b --llm-layers 8 --per-layer   # 27B, per layer, extrapolated
+    python launch/bench_train.py --checkpointing selective,full   # plus ours under activation checkpointing
     python launch/bench_train.py --device cpu --preset tiny           # CPU figures
     python launch/bench_train.py --device cpu --preset small-9b --llm-layers 2 --encoder-layers 2  # mid-size on CPU
     python launch/bench_train.py --smoke                  # seconds; what the test suite runs
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--llm-layers", type=int, help="only the LLM's first N layers")
     parser.add_argument("--encoder-layers", type=int, help="only the encoder's first N layers")
+    parser.add_argument("--checkpointing", default="",
+                        help="comma-separated policies (selective, full): extra variants of ours")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also run at half --llm-layers: per-layer time/memory, step at full depth")
     parser.add_argument("--csv", help="default: benchmarks/train.csv (none with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 2 steps")
     args = parser.parse_args(argv)
@@ -40,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         preset="tiny" if args.smoke else args.preset, device="cpu" if args.smoke else args.device,
         dtype=torch.float32 if args.smoke or args.dtype == "fp32" else torch.bfloat16,
         batch=4 if args.smoke else args.batch, steps=2 if args.smoke else args.steps,
-        warmup_steps=1 if args.smoke else 2, llm_layers=args.llm_layers, encoder_layers=args.encoder_layers)
+        warmup_steps=1 if args.smoke else 2, llm_layers=args.llm_layers, encoder_layers=args.encoder_layers,
+        checkpointing=tuple(policy for policy in args.checkpointing.split(",") if policy),
+        per_layer=args.per_layer)
     rows = bench_training(config)
     report(rows, args.csv or (None if args.smoke else str(REPO / "benchmarks" / "train.csv")))
 

@@ -29,6 +29,23 @@ def commit() -> str:
     return sha + ("-dirty" if version.get("git_dirty") else "")
 
 
+def cpu_peak_memory(function: Callable[[], object]) -> int | None:
+    """Peak bytes of CPU tensors alive while ``function`` runs (those that existed before included),
+    from the PyTorch profiler's memory timeline; None where this torch cannot produce one. Slow: for
+    one untimed call."""
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
+                                    with_stack=True) as profile:
+            function()
+        _, sizes = MemoryProfileTimeline(profile._memory_profile())._coalesce_timeline("cpu")
+    except (ImportError, AttributeError, RuntimeError):  # a private API: absent or changed
+        return None
+    return int(max(sum(categories) for categories in sizes)) if sizes else None
+
+
 @dataclass(frozen=True)
 class Row:
     benchmark: str

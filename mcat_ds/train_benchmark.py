@@ -9,8 +9,15 @@
 
 Both train the same random model (a preset's real sizes, optionally only its first layers) on the
 same batches: speech of FLEURS-like lengths, SRT-like prompts, targets of 20-120 tokens. Each step is
-forward, backward and a fused AdamW step over the trainable parameters. Memory figures are
-counted where they cannot be measured (CPU): padding tokens removed by packing, logits not made.
+forward, backward and a fused AdamW step over the trainable parameters. Peak memory is the CUDA
+allocator's peak on a GPU; on CPU it is read from the profiler's memory timeline of one extra,
+untimed step (parameters, gradients, optimizer state and activations alike). Counted as well:
+padding tokens removed by packing, logits not made.
+
+Optional variants: ours with selective or full activation checkpointing of the LLM. With
+``per_layer``, every variant also runs at half the LLM depth; the difference gives the time and
+memory of one LLM layer, and from it the step at the preset's full depth (how ``large-27b`` is
+reported: its 62 layers do not fit one GPU).
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from mcat_ds.architectures import llm_config
 from mcat_ds.batching import TokenizedExample, collate_examples
-from mcat_ds.benchmarking import Row
+from mcat_ds.benchmarking import Row, cpu_peak_memory
 from mcat_ds.build import count_parameters
 from mcat_ds.config import MCATConfig
+from mcat_ds.model.checkpointing import enable_activation_checkpointing
+from mcat_ds.model.mcat import MCATOutput
 from mcat_ds.model.random import fleurs_like_lengths, random_log_mel, random_mcat_model
 from mcat_ds.presets import get_preset
 from mcat_ds.train.costs import peak_flops, step_flops
@@ -42,10 +52,18 @@ class TrainBenchConfig:
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
+    checkpointing: tuple[str, ...] = ()
+    """Extra variants: ours under these activation checkpointing policies (selective, full)."""
+    per_layer: bool = False
+    """Also run at half the LLM depth (needs ``llm_layers``) and report per-layer figures."""
+
+
+NAIVE = "naive (padded, eager, full logits)"
+OURS = "ours (packed, label logits)"
 
 
 def variant_configs(config: TrainBenchConfig) -> dict[str, tuple[MCATConfig, bool]]:
-    """name -> (model config, packed batches)."""
+    """name -> (model config, packed batches); a variant's ``runtime`` says its checkpointing."""
     base = get_preset(config.preset)
     naive = copy.deepcopy(base)
     naive.model.adapter = replace(naive.model.adapter, kernels="torch", kv_projection="per_layer")
@@ -53,7 +71,15 @@ def variant_configs(config: TrainBenchConfig) -> dict[str, tuple[MCATConfig, boo
     ours = copy.deepcopy(base)
     ours.model.adapter = replace(ours.model.adapter, kernels="auto", kv_projection="varlen")
     ours.model.llm.attn_implementation = "auto"
-    return {"naive (padded, eager, full logits)": (naive, False), "ours (packed, label logits)": (ours, True)}
+    for variant in (naive, ours):
+        variant.runtime.gradient_checkpointing = False
+    variants = {NAIVE: (naive, False), OURS: (ours, True)}
+    for policy in config.checkpointing:
+        checkpointed = copy.deepcopy(ours)
+        checkpointed.runtime.gradient_checkpointing = True
+        checkpointed.runtime.checkpointing_policy = policy
+        variants[f"ours + {policy} checkpointing"] = (checkpointed, True)
+    return variants
 
 
 def workload(config: TrainBenchConfig, window_frames: int, vocab: int, bos: int, eos: int):
@@ -72,14 +98,16 @@ def workload(config: TrainBenchConfig, window_frames: int, vocab: int, bos: int,
     return batches
 
 
-def bench_training(config: TrainBenchConfig) -> list[Row]:
+def _measure(config: TrainBenchConfig) -> dict[str, dict[str, float | None]]:
+    """Every variant's metrics at ``config``'s depth."""
     cuda = config.device.startswith("cuda")
-    rows = []
     results = {}
     for name, (model_config, packed) in variant_configs(config).items():
         model = random_mcat_model(model_config, config.device, config.dtype, config.seed,
                                   config.llm_layers, config.encoder_layers)
         model.encoder.requires_grad_(False)
+        if model_config.runtime.gradient_checkpointing:
+            enable_activation_checkpointing(model.llm, model_config.runtime.checkpointing_policy)
         model.train()
         counts = count_parameters(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -92,6 +120,16 @@ def bench_training(config: TrainBenchConfig) -> list[Row]:
             batch = collate_examples(examples, model.num_speech_tokens, model.pad_token_id,
                                      "packed" if packed else "right")
             batches.append((lengths, batch))
+
+        def train_step(step: int, lengths: torch.Tensor, batch) -> MCATOutput:
+            ids = list(range(step * config.batch, (step + 1) * config.batch))
+            features = random_log_mel(model, lengths, ids, config.device, config.dtype, config.seed)
+            out = model(features, lengths.to(config.device), batch.to(config.device), full_logits=not packed)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return out
+
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         samples = tokens = padded_tokens = logit_rows = 0
@@ -101,12 +139,7 @@ def bench_training(config: TrainBenchConfig) -> list[Row]:
             if cuda:
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            ids = list(range(step * config.batch, (step + 1) * config.batch))
-            features = random_log_mel(model, lengths, ids, config.device, config.dtype, config.seed)
-            out = model(features, lengths.to(config.device), batch.to(config.device), full_logits=not packed)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = train_step(step, lengths, batch)
             if cuda:
                 torch.cuda.synchronize()
             if step >= config.warmup_steps:
@@ -116,32 +149,66 @@ def bench_training(config: TrainBenchConfig) -> list[Row]:
                 padded_tokens += batch.input_ids.numel()
                 logit_rows += out.logits.shape[0] * out.logits.shape[1]
                 losses.append(out.loss.item())
-        shape = (f"{config.preset}{f' first {config.llm_layers} LLM layers' if config.llm_layers else ''}"
-                 f"{f', {config.encoder_layers} encoder layers' if config.encoder_layers else ''}, random weights, "
-                 f"batch {config.batch}, targets {config.target_tokens[0]}-{config.target_tokens[1]} tokens, "
-                 f"{str(config.dtype).split('.')[-1]}")
+        if cuda:
+            peak_memory = torch.cuda.max_memory_allocated()
+        else:  # one more step, untimed, under the profiler; the first batch (after warm-up, all buffers exist)
+            peak_memory = cpu_peak_memory(lambda: train_step(0, *batches[0]))
         flops = step_flops(counts, tokens, samples, model.encoder.window_frames // 2, model_config, model.encoder.width)
         peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
         results[name] = {
             "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+            "step_ms": elapsed / config.steps * 1e3,
             "padding_fraction": 1 - tokens / padded_tokens,
             "logits_gib_fp32_per_step": logit_rows * vocab * 4 / 2**30 / config.steps,
             "mfu": flops / elapsed / peak if peak else None,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "peak_memory_gib": peak_memory / 2**30 if peak_memory is not None else None,
             "loss": sum(losses) / len(losses),
         }
-        del model, optimizer, trainable
+        model = optimizer = trainable = batches = None  # freed before the next variant is built
         if cuda:
             torch.cuda.empty_cache()
-    baseline = results["naive (padded, eager, full logits)"]
+    return results
+
+
+def _add_per_layer(config: TrainBenchConfig, results: dict[str, dict[str, float | None]]) -> None:
+    """Per-LLM-layer time and memory from a second run at half the depth, and the step extrapolated
+    to the preset's full depth (same batches: the workload does not depend on the depth)."""
+    deep = config.llm_layers
+    shallow_layers = max(1, deep // 2)
+    if not deep or shallow_layers == deep:
+        raise ValueError("per-layer figures need llm_layers >= 2")
+    shallow = _measure(replace(config, llm_layers=shallow_layers))
+    full_depth = llm_config(get_preset(config.preset).model.llm.architecture).num_hidden_layers
+    for name, values in results.items():
+        layer_ms = (values["step_ms"] - shallow[name]["step_ms"]) / (deep - shallow_layers)
+        values["ms_per_llm_layer"] = layer_ms
+        if values["peak_memory_gib"] is not None and shallow[name]["peak_memory_gib"] is not None:
+            values["peak_memory_gib_per_llm_layer"] = (
+                values["peak_memory_gib"] - shallow[name]["peak_memory_gib"]) / (deep - shallow_layers)
+        full_step_s = (values["step_ms"] + layer_ms * (full_depth - deep)) / 1e3
+        values[f"samples_per_s_at_{full_depth}_layers"] = config.batch / full_step_s
+
+
+RATIO_METRICS = ("samples_per_s", "tokens_per_s", "peak_memory_gib", "logits_gib_fp32_per_step", "step_ms",
+                 "ms_per_llm_layer", "peak_memory_gib_per_llm_layer")
+
+
+def bench_training(config: TrainBenchConfig) -> list[Row]:
+    results = _measure(config)
+    if config.per_layer:
+        _add_per_layer(config, results)
+    shape = (f"{config.preset}{f' first {config.llm_layers} LLM layers' if config.llm_layers else ''}"
+             f"{f', {config.encoder_layers} encoder layers' if config.encoder_layers else ''}, random weights, "
+             f"batch {config.batch}, targets {config.target_tokens[0]}-{config.target_tokens[1]} tokens, "
+             f"{str(config.dtype).split('.')[-1]}")
+    baseline = results[NAIVE]
+    rows = []
     for name, values in results.items():
         for metric, value in values.items():
             if value is None:
                 continue
             ratio = None
-            if metric in ("samples_per_s", "tokens_per_s"):
-                ratio = value / baseline[metric]
-            elif metric in ("peak_memory_gib", "logits_gib_fp32_per_step") and baseline[metric]:
+            if (metric in RATIO_METRICS or metric.startswith("samples_per_s_at_")) and baseline.get(metric):
                 ratio = value / baseline[metric]
             rows.append(Row("training", shape, name, metric, value, ratio))
     return rows

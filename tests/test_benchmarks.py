@@ -55,9 +55,15 @@ def test_bench_inference_smoke_counts_encoder_passes_and_matches_hf(tmp_path):
 
 def test_bench_train_smoke_same_loss_less_padding_fewer_logits(tmp_path):
     table = tmp_path / "train.csv"
-    run_script("bench_train.py", "--smoke", "--csv", str(table))
-    values = {(r["implementation"].split(" ")[0], r["metric"]): float(r["value"]) for r in read_rows(table)}
-    assert values[("ours", "loss")] == pytest.approx(values[("naive", "loss")], rel=1e-4)  # same model, same batches
-    assert values[("ours", "padding_fraction")] == 0 < values[("naive", "padding_fraction")]
-    assert values[("ours", "logits_gib_fp32_per_step")] < values[("naive", "logits_gib_fp32_per_step")]
-    assert values[("ours", "samples_per_s")] > 0
+    run_script("bench_train.py", "--smoke", "--checkpointing", "selective,full", "--llm-layers", "2", "--per-layer",
+               "--csv", str(table))
+    values = {(r["implementation"], r["metric"]): float(r["value"]) for r in read_rows(table)}
+    naive, ours = "naive (padded, eager, full logits)", "ours (packed, label logits)"
+    for variant in (ours, "ours + selective checkpointing", "ours + full checkpointing"):
+        # same model, same batches
+        assert values[(variant, "loss")] == pytest.approx(values[(naive, "loss")], rel=1e-4), variant
+        assert values[(variant, "padding_fraction")] == 0 < values[(naive, "padding_fraction")]
+        assert values[(variant, "logits_gib_fp32_per_step")] < values[(naive, "logits_gib_fp32_per_step")]
+    for variant in (naive, ours):
+        assert values[(variant, "samples_per_s")] > 0 and values[(variant, "peak_memory_gib")] > 0
+        assert (variant, "ms_per_llm_layer") in values and (variant, "samples_per_s_at_2_layers") in values
