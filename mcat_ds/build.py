@@ -283,6 +283,7 @@ def _assemble(model_config: ModelConfig, whisper: nn.Module, llm: nn.Module, spe
         _wrap_with_lora(llm, model_config, tag_ids),
         speech_input_scale=speech_input_scale,
         mask_padding_frames=model_config.adapter.mask_padding_frames,
+        loss_implementation=model_config.llm.loss_implementation,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
     )

@@ -83,6 +83,9 @@ class LLMConfig:
     """``auto``: flash-attn when installed on CUDA, else FlexAttention on CUDA, else SDPA where it
     keeps the architecture's numerics, else eager (see ``mcat_ds.model.attention``); or any
     transformers implementation name."""
+    loss_implementation: Literal["auto", "liger", "chunked"] = "auto"
+    """LM head + cross-entropy fused over label tokens without materialising the logits (see
+    ``mcat_ds.model.loss``): ``auto`` is liger-kernel on CUDA when installed, else chunked PyTorch."""
     language_tags: Literal["special", "text"] = "special"
     """``special``: each ``<|xxx|>`` tag is one new token whose embedding trains; ``text``: tags are
     ordinary text split by the tokenizer, as in the release (needed to load release checkpoints)."""

@@ -4,15 +4,16 @@
   every frame, eager attention in the LLM, a batch padded to its longest sequence, logits over the
   whole sequence and the whole vocabulary;
 - ours: the adapter's kernels (on CUDA) and one K/V GEMM over valid frames, the LLM's attention
-  chosen by ``auto`` (flash-attn when installed), one packed padding-free row, LM head and
-  cross-entropy on label positions only.
+  chosen by ``auto`` (flash-attn, else FlexAttention on CUDA), one packed padding-free row, LM head
+  and cross-entropy fused over label tokens (liger-kernel on CUDA when installed).
 
 Both train the same random model (a preset's real sizes, optionally only its first layers) on the
 same batches: speech of FLEURS-like lengths, SRT-like prompts, targets of 20-120 tokens. Each step is
 forward, backward and a fused AdamW step over the trainable parameters. Peak memory is the CUDA
 allocator's peak on a GPU; on CPU it is read from the profiler's memory timeline of one extra,
 untimed step (parameters, gradients, optimizer state and activations alike). Counted as well:
-padding tokens removed by packing, logits not made.
+padding tokens removed by packing, and the most fp32 logits alive at once (naive: every position's;
+ours: one chunk of label tokens, ``mcat_ds.model.loss``).
 
 Optional variants: ours with selective or full activation checkpointing of the LLM. With
 ``per_layer``, every variant also runs at half the LLM depth; the difference gives the time and
@@ -34,6 +35,7 @@ from mcat_ds.benchmarking import Row, cpu_peak_memory
 from mcat_ds.build import count_parameters
 from mcat_ds.config import MCATConfig
 from mcat_ds.model.checkpointing import enable_activation_checkpointing
+from mcat_ds.model.loss import CHUNK_ROWS
 from mcat_ds.model.mcat import MCATOutput
 from mcat_ds.model.random import fleurs_like_lengths, random_log_mel, random_mcat_model
 from mcat_ds.presets import get_preset
@@ -132,7 +134,7 @@ def _measure(config: TrainBenchConfig) -> dict[str, dict[str, float | None]]:
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        samples = tokens = padded_tokens = logit_rows = 0
+        samples = tokens = padded_tokens = logit_rows = 0  # logit_rows: the most alive at once
         losses = []
         elapsed = 0.0
         for step, (lengths, batch) in enumerate(batches):
@@ -147,7 +149,8 @@ def _measure(config: TrainBenchConfig) -> dict[str, dict[str, float | None]]:
                 samples += len(lengths)
                 tokens += batch.num_tokens
                 padded_tokens += batch.input_ids.numel()
-                logit_rows += out.logits.shape[0] * out.logits.shape[1]
+                logit_rows = max(logit_rows, out.logits.shape[0] * out.logits.shape[1] if out.logits is not None
+                                 else min(out.num_label_tokens, CHUNK_ROWS))
                 losses.append(out.loss.item())
         if cuda:
             peak_memory = torch.cuda.max_memory_allocated()
@@ -159,7 +162,7 @@ def _measure(config: TrainBenchConfig) -> dict[str, dict[str, float | None]]:
             "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
             "step_ms": elapsed / config.steps * 1e3,
             "padding_fraction": 1 - tokens / padded_tokens,
-            "logits_gib_fp32_per_step": logit_rows * vocab * 4 / 2**30 / config.steps,
+            "logits_gib_fp32_alive": logit_rows * vocab * 4 / 2**30,
             "mfu": flops / elapsed / peak if peak else None,
             "peak_memory_gib": peak_memory / 2**30 if peak_memory is not None else None,
             "loss": sum(losses) / len(losses),
@@ -189,7 +192,7 @@ def _add_per_layer(config: TrainBenchConfig, results: dict[str, dict[str, float 
         values[f"samples_per_s_at_{full_depth}_layers"] = config.batch / full_step_s
 
 
-RATIO_METRICS = ("samples_per_s", "tokens_per_s", "peak_memory_gib", "logits_gib_fp32_per_step", "step_ms",
+RATIO_METRICS = ("samples_per_s", "tokens_per_s", "peak_memory_gib", "logits_gib_fp32_alive", "step_ms",
                  "ms_per_llm_layer", "peak_memory_gib_per_llm_layer")
 
 

@@ -156,7 +156,7 @@ def test_save_then_load_gives_identical_logits(tiny_config, tmp_path):
     config = tiny_config("gemma2", "model.llm.train_embeddings=tags")
     model, tokenizer = build_model(config)
     features, lengths, batch = one_training_step(model, tokenizer)
-    expected = model(features, lengths, batch).logits
+    expected = model(features, lengths, batch, full_logits=True).logits
     save_checkpoint(model, tokenizer, config, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["adapter.safetensors", "lora", "mcat_config.json"]
     assert not list(tmp_path.glob("*.partial-*"))
@@ -165,7 +165,7 @@ def test_save_then_load_gives_identical_logits(tiny_config, tmp_path):
     loaded, loaded_tokenizer, loaded_config = load_checkpoint(tmp_path / "ckpt")
     loaded.eval()
     assert loaded_config == config and loaded_tokenizer.tag_ids == tokenizer.tag_ids
-    torch.testing.assert_close(loaded(features, lengths, batch).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(features, lengths, batch, full_logits=True).logits, expected, rtol=0, atol=0)
 
     # the LoRA part is a plain peft adapter: peft alone reproduces the LLM (tags added first)
     base = transformers.AutoModelForCausalLM.from_pretrained(config.model.llm.checkpoint)

@@ -63,21 +63,32 @@ def test_attention_never_crosses_packed_sequences(tiny_config):
     torch.testing.assert_close(model(other_features, lengths, altered, full_logits=True).logits[0, :first], base)
 
 
-@pytest.mark.parametrize("llm", ["gemma2", "gemma3"])
-def test_label_position_logits_give_the_full_logits_loss(tiny_config, llm):
+@pytest.mark.parametrize("llm, embeddings", [("gemma2", "tags"), ("gemma2", "all"), ("gemma3", "tags")])
+def test_fused_label_loss_gives_the_full_logits_loss_and_gradients(tiny_config, llm, embeddings):
+    """The fused LM head + loss over label tokens (no logits made) against HF's head over every
+    position: same loss, same gradients, trained tag rows of the tied head included."""
     torch.manual_seed(0)
-    model, tokenizer = build_model(tiny_config(llm))
+    model, tokenizer = build_model(tiny_config(llm, f"model.llm.train_embeddings={embeddings}"))
     model.eval()
     padded, _ = batches(model, tokenizer)
     features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
-    fast = model(features, lengths, padded)
-    full = model(features, lengths, padded, full_logits=True)
-    assert fast.logits.shape[1] < full.logits.shape[1]  # the LM head ran on fewer positions
+    results = []
+    for full_logits in (False, True):
+        model.zero_grad()
+        out = model(features, lengths, padded, full_logits=full_logits)
+        out.loss.backward()
+        results.append((out, trainable_grads(model)))
+    (fused, fused_grads), (full, full_grads) = results
+    assert fused.logits is None and fused.num_label_tokens == full.num_label_tokens > 0
     expected = torch.nn.functional.cross_entropy(
         full.logits[:, :-1].float().reshape(-1, full.logits.shape[-1]), padded.labels[:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX)
-    torch.testing.assert_close(fast.loss, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused.loss, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(full.loss, expected, atol=1e-6, rtol=1e-6)
+    assert any("trainable_tokens_delta" in name for name in fused_grads)
+    assert fused_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fused_grads[name], full_grads[name], atol=1e-6, rtol=1e-4, msg=name)
     if llm == "gemma2":  # the soft-capped logits are what the loss sees
         assert model.llm.config.final_logit_softcapping and full.logits.abs().max() <= model.llm.config.final_logit_softcapping
 

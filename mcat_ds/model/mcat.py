@@ -12,6 +12,7 @@ from mcat_ds.batching import IGNORE_INDEX, LLMBatch
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import use_decoding_attention
 from mcat_ds.model.encoder import SpeechEncoder
+from mcat_ds.model.loss import LossImplementation, linear_cross_entropy
 
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
@@ -26,12 +27,26 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_row
     return total
 
 
+def _head_weight(head: nn.Module) -> torch.Tensor:
+    """The LM head's effective (V, H) weight: with trainable tag rows, peft wraps the (tied) head and
+    overlays the trained rows on the frozen ones in its forward; the fused loss needs that weight."""
+    adapter = getattr(head, "token_adapter", None)  # peft's TrainableTokensWrapper
+    if adapter is None:
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"the fused loss needs a linear LM head, not {type(head).__name__}")
+        return head.weight
+    if adapter.merged or adapter.disable_adapters or not adapter.active_adapters:
+        return adapter.base_layer.weight
+    return adapter.get_merged_weights(adapter.active_adapters)
+
+
 @dataclass
 class MCATOutput:
     loss: torch.Tensor | None
     """Mean cross-entropy over the label tokens of the batch (fp32)."""
-    logits: torch.Tensor
-    """Logits of the positions that predict a label (all positions with ``full_logits`` or no labels)."""
+    logits: torch.Tensor | None
+    """Logits of every position with ``full_logits`` or without labels; None otherwise (the loss
+    never materialises them)."""
     num_label_tokens: int
 
 
@@ -62,6 +77,7 @@ class MCATModel(nn.Module):
         speech_input_scale: float,
         mask_padding_frames: bool,
         pad_token_id: int,
+        loss_implementation: LossImplementation = "auto",
         eos_token_id: int,
     ):
         super().__init__()
@@ -72,6 +88,7 @@ class MCATModel(nn.Module):
         self.mask_padding_frames = mask_padding_frames
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
+        self.loss_implementation = loss_implementation
 
     @property
     def num_speech_tokens(self) -> int:
@@ -97,31 +114,32 @@ class MCATModel(nn.Module):
 
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, batch: LLMBatch,
                 full_logits: bool = False) -> MCATOutput:
-        """Loss over the label tokens. The LM head runs only at the positions that predict a label
-        (Gemma's vocabulary is 256k: logits for the whole sequence would dwarf the rest of the
-        step's memory), and cross-entropy goes over them in chunks; ``full_logits`` (or no labels)
-        returns logits for every position instead."""
+        """Mean cross-entropy over the label tokens. The LM head and the loss run fused over the
+        label tokens only (``mcat_ds.model.loss``; Gemma's vocabulary is 256k: full logits would
+        dwarf the rest of the step's memory). ``full_logits`` (or no labels) runs the HF head over
+        every position and returns its logits, the loss then computed from them."""
         embeds = self.input_embeddings(batch, self.speech_embeddings(features, feature_lengths))
-        predicting = None
-        if batch.labels is not None and not full_logits:
-            # position p predicts token p + 1: keep the positions whose next token is a label in any row
-            predicting = (batch.labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-        logits = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-            **({} if predicting is None else {"logits_to_keep": predicting}),
-        ).logits
-        if batch.labels is None:
-            return MCATOutput(None, logits, 0)
-        if predicting is None:
-            targets, logits_for_targets = batch.labels[:, 1:], logits[:, :-1]
-        else:
-            targets, logits_for_targets = batch.labels[:, 1:][:, predicting], logits
-        num_label_tokens = int((targets != IGNORE_INDEX).sum())
-        loss = chunked_cross_entropy(logits_for_targets, targets) / max(num_label_tokens, 1)
-        return MCATOutput(loss, logits, num_label_tokens)
+        inputs = dict(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                      use_cache=False)
+        if batch.labels is None or full_logits:
+            logits = self.llm(**inputs).logits
+            if batch.labels is None:
+                return MCATOutput(None, logits, 0)
+            targets = batch.labels[:, 1:]
+            num_label_tokens = int((targets != IGNORE_INDEX).sum())
+            loss = chunked_cross_entropy(logits[:, :-1], targets) / max(num_label_tokens, 1)
+            return MCATOutput(loss, logits, num_label_tokens)
+        causal_lm = self.llm.get_base_model()
+        hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
+        # position p predicts token p + 1
+        predicting = batch.labels[:, 1:] != IGNORE_INDEX
+        targets = batch.labels[:, 1:][predicting]
+        loss = linear_cross_entropy(
+            hidden[:, :-1][predicting], _head_weight(causal_lm.get_output_embeddings()), targets,
+            softcap=getattr(causal_lm.config, "final_logit_softcapping", None),
+            implementation=self.loss_implementation,
+        )
+        return MCATOutput(loss / max(targets.numel(), 1), None, targets.numel())
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,68 @@
+"""The LM head and cross-entropy fused over the label positions, never materialising the logits.
+
+Gemma's vocabulary is 256k: the fp32 logits of 1,000 label tokens and their gradient are 2 GB,
+more than a LoRA step's activations. Both implementations compute the loss chunk by chunk of label
+tokens, each chunk's logits living only while that chunk is processed:
+
+- ``liger``: liger-kernel's fused linear cross-entropy (Triton, CUDA): gradients computed in the
+  forward pass, no recomputation;
+- ``chunked``: PyTorch, any device: each chunk's head matmul, soft-cap and cross-entropy run under
+  activation checkpointing, so backward recomputes one chunk at a time (one extra head matmul).
+
+Both apply Gemma2's final logit soft-capping (``cap * tanh(logits / cap)``) before the softmax.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LossImplementation = Literal["auto", "liger", "chunked"]
+
+CHUNK_ROWS = 512
+"""Label tokens per chunk: 512 x 256k fp32 logits = 0.5 GB alive at a time."""
+
+
+def resolve_loss_implementation(requested: LossImplementation, device: torch.device) -> str:
+    """``auto``: liger-kernel on CUDA when it is installed, else the chunked PyTorch path."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        return "liger"
+    return "chunked"
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                softcap: float | None) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         softcap: float | None = None, implementation: LossImplementation = "auto",
+                         chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Summed fp32 cross-entropy of ``softcap(hidden @ weight.T)`` against ``targets``.
+
+    hidden: (N, H) final hidden states at the positions that predict a label; weight: (V, H) the LM
+    head; targets: (N,) label ids (no ignored entries: callers select the label positions)."""
+    implementation = resolve_loss_implementation(implementation, hidden.device)
+    if implementation == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", softcap=softcap).float()
+    if implementation != "chunked":
+        raise ValueError(f"unknown loss implementation {implementation!r}; use auto, liger or chunked")
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_chunk_loss, hidden[rows], weight, targets[rows], softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hidden[rows], weight, targets[rows], softcap)
+    return total
