@@ -35,6 +35,8 @@ setup(
         # tensorboard 2.20+ needs protobuf 6, COMET's pin is protobuf<5.
         "comet": ["unbabel-comet>=2.2.7", "transformers>=4.57,<5", "tensorboard<2.20", "setuptools<81",
                   "sentencepiece<0.2.3"],
+        # CUDA only, picked up when installed: flash-attn's varlen attention, liger's fused loss.
+        "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
         "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["mcat=mcat_ds.cli:main"]},
