@@ -134,7 +134,7 @@ def _measure(config: TrainBenchConfig) -> dict[str, dict[str, float | None]]:
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        samples = tokens = padded_tokens = logit_rows = 0  # logit_rows: the most alive at once
+        samples = tokens = label_tokens = padded_tokens = logit_rows = 0  # logit_rows: the most alive at once
         losses = []
         elapsed = 0.0
         for step, (lengths, batch) in enumerate(batches):
@@ -148,6 +148,7 @@ def _measure(config: TrainBenchConfig) -> dict[str, dict[str, float | None]]:
                 elapsed += time.perf_counter() - started
                 samples += len(lengths)
                 tokens += batch.num_tokens
+                label_tokens += out.num_label_tokens
                 padded_tokens += batch.input_ids.numel()
                 logit_rows = max(logit_rows, out.logits.shape[0] * out.logits.shape[1] if out.logits is not None
                                  else min(out.num_label_tokens, CHUNK_ROWS))
@@ -156,7 +157,8 @@ def _measure(config: TrainBenchConfig) -> dict[str, dict[str, float | None]]:
             peak_memory = torch.cuda.max_memory_allocated()
         else:  # one more step, untimed, under the profiler; the first batch (after warm-up, all buffers exist)
             peak_memory = cpu_peak_memory(lambda: train_step(0, *batches[0]))
-        flops = step_flops(counts, tokens, samples, model.encoder.window_frames // 2, model_config, model.encoder.width)
+        flops = step_flops(counts, tokens, samples, model.encoder.window_frames // 2, model_config, model.encoder.width,
+                           model.llm.get_input_embeddings().weight.numel(), label_tokens)
         peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
         results[name] = {
             "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,

@@ -132,6 +132,9 @@ def test_step_flops_count_the_frozen_llm_forward_and_activation_gradients():
     config = resolve_config("small-9b")
     counts = ParameterCounts(total=0, trainable=0, encoder=10, adapter=0, llm=1000, lora=0)
     assert step_flops(counts, llm_tokens=7, samples=0, encoder_frames=1500, config=config, encoder_width=1280) == 4 * 1000 * 7
+    # 300 of the 1000 are the embedding table: a lookup for every token, a matmul (the head) for the 3 labels
+    assert step_flops(counts, llm_tokens=7, samples=0, encoder_frames=1500, config=config, encoder_width=1280,
+                      head_parameters=300, label_tokens=3) == 4 * 700 * 7 + 4 * 300 * 3
     with_speech = step_flops(counts, llm_tokens=0, samples=2, encoder_frames=1500, config=config, encoder_width=1280)
     kv = 2 * 4 * 1280 * 768  # K and V projections of the 4 cross-attention layers
     assert with_speech == 2 * 10 * 1500 * 2 + 6 * kv * 1500 * 2

@@ -3,7 +3,9 @@
 FLOP count per step, in multiply-adds x 2:
 - LLM: 4 x P_llm per token: 2 for the forward pass and 2 for the backward pass's activation
   gradients; the frozen weights get no weight gradients (LoRA's are negligible), and activation
-  recomputation is not counted (MFU counts useful work).
+  recomputation is not counted (MFU counts useful work). The embedding table is a lookup, not a
+  matmul: its P_head = vocabulary x width parameters count only as the LM head, which runs on the
+  label tokens alone (4 x P_head per label token).
 - Speech encoder: 2 x P_encoder per encoder frame, forward only (frozen, no backward).
 - Adapter: 6 x P_adapter per query (forward, activation and weight gradients), plus the
   cross-attention K/V projections over every encoder frame.
@@ -26,12 +28,13 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def step_flops(counts: ParameterCounts, llm_tokens: int, samples: int, encoder_frames: int,
-               config: MCATConfig, encoder_width: int) -> float:
+               config: MCATConfig, encoder_width: int, head_parameters: int = 0, label_tokens: int = 0) -> float:
     adapter = config.model.adapter
     cross_layers = len(range(0, adapter.num_layers, adapter.cross_attention_every))
     kv_projection = 2 * cross_layers * encoder_width * adapter.hidden_size
     return (
-        4.0 * counts.llm * llm_tokens
+        4.0 * (counts.llm - head_parameters) * llm_tokens
+        + 4.0 * head_parameters * label_tokens
         + 2.0 * counts.encoder * encoder_frames * samples
         + 6.0 * counts.adapter * adapter.num_queries * samples
         + 6.0 * kv_projection * encoder_frames * samples

@@ -227,6 +227,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
         monitor.message(f"stage {config.stage.name}: {total_steps} steps, {len(stream.share(0))} examples per rank "
                         f"per epoch, {placement.world_size} ranks, {origin}")
     counts = count_parameters(model)
+    head_parameters = model.llm.get_input_embeddings().weight.numel()  # tied: the LM head (for MFU)
     peak = peak_flops(torch.cuda.get_device_name(placement.device)) if placement.on_gpu else None
     batches = stream.batches(epoch, position, config.data.num_workers)
     previous_batch: Batch | None = None
@@ -271,7 +272,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
             if peak is not None:
                 # the encoder runs over its whole window, padding included
                 flops = step_flops(counts, int(llm_tokens), int(samples), model.encoder.window_frames // 2, config,
-                                   model.encoder.width)
+                                   model.encoder.width, head_parameters, int(tokens))
                 record["mfu"] = flops / elapsed / (peak * placement.world_size)
             if validation is not None and config.stage.eval_every and (step % config.stage.eval_every == 0 or step == total_steps):
                 record["val_loss"] = validation_loss(engine, validation, log_mel, placement)
