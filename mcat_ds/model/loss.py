@@ -15,6 +15,7 @@ Both apply Gemma2's final logit soft-capping (``cap * tanh(logits / cap)``) befo
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -36,12 +37,28 @@ def resolve_loss_implementation(requested: LossImplementation, device: torch.dev
     return "chunked"
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def _chunk_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
                 softcap: float | None) -> torch.Tensor:
-    logits = (hidden @ weight.t()).float()
+    logits = head(hidden).float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_head_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                               targets: torch.Tensor, softcap: float | None = None,
+                               chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """The chunked path with any ``head`` (hidden -> logits): a weight's matmul, or the head module
+    itself where only its own forward can produce its weight (ZeRO-3 gathers a partitioned weight
+    in the module's hooks, again when backward recomputes the chunk)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, hidden[rows], head, targets[rows], softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hidden[rows], head, targets[rows], softcap)
+    return total
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -58,11 +75,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", softcap=softcap).float()
     if implementation != "chunked":
         raise ValueError(f"unknown loss implementation {implementation!r}; use auto, liger or chunked")
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss, hidden[rows], weight, targets[rows], softcap, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(hidden[rows], weight, targets[rows], softcap)
-    return total
+    return chunked_head_cross_entropy(hidden, lambda rows: rows @ weight.t(), targets, softcap, chunk_rows)

@@ -12,7 +12,7 @@ from mcat_ds.batching import IGNORE_INDEX, LLMBatch
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import use_decoding_attention
 from mcat_ds.model.encoder import SpeechEncoder
-from mcat_ds.model.loss import LossImplementation, linear_cross_entropy
+from mcat_ds.model.loss import LossImplementation, chunked_head_cross_entropy, linear_cross_entropy
 
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
@@ -134,11 +134,14 @@ class MCATModel(nn.Module):
         # position p predicts token p + 1
         predicting = batch.labels[:, 1:] != IGNORE_INDEX
         targets = batch.labels[:, 1:][predicting]
-        loss = linear_cross_entropy(
-            hidden[:, :-1][predicting], _head_weight(causal_lm.get_output_embeddings()), targets,
-            softcap=getattr(causal_lm.config, "final_logit_softcapping", None),
-            implementation=self.loss_implementation,
-        )
+        head = causal_lm.get_output_embeddings()
+        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        if any(hasattr(p, "ds_id") for p in head.parameters()):
+            # ZeRO-3 partitions the weight; only the head module's own forward gathers it
+            loss = chunked_head_cross_entropy(hidden[:, :-1][predicting], head, targets, softcap)
+        else:
+            loss = linear_cross_entropy(hidden[:, :-1][predicting], _head_weight(head), targets, softcap=softcap,
+                                        implementation=self.loss_implementation)
         return MCATOutput(loss / max(targets.numel(), 1), None, targets.numel())
 
     @torch.no_grad()

@@ -227,7 +227,8 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
         monitor.message(f"stage {config.stage.name}: {total_steps} steps, {len(stream.share(0))} examples per rank "
                         f"per epoch, {placement.world_size} ranks, {origin}")
     counts = count_parameters(model)
-    head_parameters = model.llm.get_input_embeddings().weight.numel()  # tied: the LM head (for MFU)
+    embedding = model.llm.get_input_embeddings().weight
+    head_parameters = getattr(embedding, "ds_numel", embedding.numel())  # tied: the LM head (MFU); ZeRO-3 shards
     peak = peak_flops(torch.cuda.get_device_name(placement.device)) if placement.on_gpu else None
     batches = stream.batches(epoch, position, config.data.num_workers)
     previous_batch: Batch | None = None
