@@ -5,7 +5,7 @@ import torch
 
 from mcat_ds.batching import IGNORE_INDEX, collate_examples, tokenize_example
 from mcat_ds.build import build_model
-from mcat_ds.model.loss import chunked_cross_entropy
+from mcat_ds.model.mcat import chunked_cross_entropy
 from conftest import random_features
 
 EXAMPLES = [("<|eng|><|deu|>", "Regnet es morgen?"), ("<|cmn|>", "明天会下雨吗"), ("<|fra|><|eng|>", "Will it rain?"),

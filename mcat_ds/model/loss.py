@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mcat_ds.batching import IGNORE_INDEX
-
 LossImplementation = Literal["auto", "liger", "chunked"]
 
 CHUNK_ROWS = 512
@@ -37,18 +35,6 @@ def resolve_loss_implementation(requested: LossImplementation, device: torch.dev
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         return "liger"
     return "chunked"
-
-
-def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
-    """Summed fp32 cross-entropy of (..., V) logits against targets (IGNORE_INDEX skipped), upcasting
-    ``chunk_rows`` rows at a time rather than the whole (tokens x vocabulary) matrix at once."""
-    logits = logits.reshape(-1, logits.shape[-1])
-    targets = targets.reshape(-1)
-    total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, logits.shape[0], chunk_rows):
-        total = total + F.cross_entropy(logits[start:start + chunk_rows].float(), targets[start:start + chunk_rows],
-                                        ignore_index=IGNORE_INDEX, reduction="sum")
-    return total
 
 
 def _chunk_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,

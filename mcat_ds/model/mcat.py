@@ -5,15 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mcat_ds.batching import IGNORE_INDEX, LLMBatch
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import use_decoding_attention
 from mcat_ds.model.encoder import SpeechEncoder
-from mcat_ds.model.loss import (
-    LossImplementation, chunked_cross_entropy, chunked_head_cross_entropy, linear_cross_entropy,
-)
+from mcat_ds.model.loss import LossImplementation, chunked_head_cross_entropy, linear_cross_entropy
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
+    """Summed fp32 cross-entropy of (..., V) logits against targets (IGNORE_INDEX skipped), upcasting
+    ``chunk_rows`` rows at a time rather than the whole (tokens x vocabulary) matrix at once."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], chunk_rows):
+        total = total + F.cross_entropy(logits[start:start + chunk_rows].float(), targets[start:start + chunk_rows],
+                                        ignore_index=IGNORE_INDEX, reduction="sum")
+    return total
 
 
 def _head_weight(head: nn.Module) -> torch.Tensor:
@@ -66,8 +77,8 @@ class MCATModel(nn.Module):
         speech_input_scale: float,
         mask_padding_frames: bool,
         pad_token_id: int,
-        eos_token_id: int,
         loss_implementation: LossImplementation = "auto",
+        eos_token_id: int,
     ):
         super().__init__()
         self.encoder = encoder
