@@ -66,6 +66,10 @@ def test_prepare_writes_shards_index_and_a_full_report(messy_corpus, tmp_path):
     assert report["skipped_count"] == len(report["skipped"]) == 8
     by_file = {entry["file"]: entry for entry in report["skipped"]}
     assert by_file[str(audio / "corrupt.wav")]["manifest"] == str(manifest)
+    # a line rejected for its content names the audio it is about, like the audio problems do
+    empty = next(entry for entry in report["skipped"] if entry["reason"] == "empty transcript")
+    assert empty == {"file": str((audio / "good0.wav").resolve()), "reason": "empty transcript", "line": 13,
+                     "manifest": str(manifest), "language": "eng"}
     assert report["languages"]["eng"] == {"written": 6, "skipped": 7, "hours": pytest.approx(9.75 / 3600, abs=1e-3)}
     assert report["directions"] == {"cmn_eng": 1, "eng_deu": 6, "eng_fra": 6}
     assert json.loads((out / "report.json").read_text()) == report

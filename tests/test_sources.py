@@ -58,6 +58,11 @@ def test_manifest_problems_name_the_line(tmp_path):
     assert skipped[10] == "unknown language: 'klingon'"
     assert skipped[11].startswith("conflicting manifest line") and "line 1" in skipped[11]
     assert skipped[12] == "malformed manifest line: not a JSON object"
+    files = {r.line: (r.file, r.origin) for r in records if isinstance(r, Skipped)}
+    assert files[6] == (str((tmp_path / "d.wav").resolve()), str(manifest))  # the empty transcript's audio
+    assert files[10] == (str((tmp_path / "g.wav").resolve()), str(manifest))
+    assert files[9] == (str(manifest), None)  # a malformed line is about the manifest
+    assert files[7] == (str(manifest), None)  # a path outside the root is never resolved
     utterances = {u.audio.name: u for u in records if isinstance(u, Utterance)}
     assert set(utterances) == {"a.wav", "e.wav"}
     assert utterances["a.wav"].translations == {"deu": "Hallo.", "fra": "Bonjour."}  # lines 1 and 5 merged
@@ -76,6 +81,7 @@ def test_fleurs_translations_join_transcripts_by_sentence_id(tmp_path):
     write_fleurs_table(tmp_path, "de_de", "train", [("7", "4.wav", "Hallo."), ("9", "5.wav", "Nur hier.")])
     write_fleurs_table(tmp_path, "de_de", "test", [("8", "6.wav", "Tschüss.")])  # another split: not a translation
     write_fleurs_table(tmp_path, "xx_yy", "train", [("7", "7.wav", "???")])
+    write_fleurs_table(tmp_path, "fr_fr", "train", [("7", "8.wav", "  ")])
     (tmp_path / "en_us" / "train.tsv").write_text(
         (tmp_path / "en_us" / "train.tsv").read_text() + "broken\trow\n", encoding="utf-8")
     records = list(read_fleurs(tmp_path, "train"))
@@ -86,6 +92,9 @@ def test_fleurs_translations_join_transcripts_by_sentence_id(tmp_path):
     assert utterances["deu_4"].translations == {"eng": "Hello."}
     assert utterances["eng_1"].audio == (tmp_path / "en_us" / "audio" / "train" / "1.wav").resolve()
     reasons = sorted(r.reason for r in records if isinstance(r, Skipped))
-    assert reasons == ["malformed tsv row: 2 columns, expected 7",
+    assert reasons == ["empty transcript", "malformed tsv row: 2 columns, expected 7",
                        "unsupported FLEURS locale: 'xx_yy' is not one of the 70 languages"]
+    empty = next(r for r in records if isinstance(r, Skipped) and r.reason == "empty transcript")
+    assert (empty.file, empty.line, empty.origin) == (
+        str((tmp_path / "fr_fr" / "audio" / "train" / "8.wav").resolve()), 1, str(tmp_path / "fr_fr" / "train.tsv"))
     assert [r.reason for r in read_fleurs(tmp_path / "nothing", "train")][0].startswith("not a FLEURS-style folder")

@@ -92,7 +92,7 @@ def read_manifest(manifest: Path, audio_root: Path) -> Iterator[Utterance | Skip
             release = "gt" in record or "prompt" in record
             parsed = _parse_release_line(record) if release else _parse_own_line(record)
             if isinstance(parsed, str):
-                yield Skipped(reason=parsed, language=_line_language(record, release), **where)
+                yield _skipped_line(record, parsed, _line_language(record, release), manifest, number, audio_root)
                 continue
             language, relative, transcript, translations = parsed
             audio = resolve_inside(audio_root, relative)
@@ -116,6 +116,17 @@ def read_manifest(manifest: Path, audio_root: Path) -> Iterator[Utterance | Skip
             else:
                 previous.translations.update(translations)
     yield from merged.values()
+
+
+def _skipped_line(record: dict, reason: str, language: str | None, manifest: Path, line: int,
+                  audio_root: Path) -> Skipped:
+    """A rejected line names its audio file (and the manifest and line) when the line is well formed
+    and names one inside the root, like the audio it could not use; otherwise the manifest itself."""
+    relative = record.get("audio")
+    audio = resolve_inside(audio_root, relative) if isinstance(relative, str) and relative else None
+    if audio is None or reason.startswith("malformed manifest line"):
+        return Skipped(file=str(manifest), line=line, reason=reason, language=language)
+    return Skipped(file=str(audio), line=line, reason=reason, language=language, origin=str(manifest))
 
 
 def _line_language(record: dict, release: bool) -> str | None:
@@ -206,13 +217,13 @@ def read_fleurs(root: Path, split: str) -> Iterator[Utterance | Skipped]:
                 rows.append((language.code, table, number, cells))
     for code, table, number, cells in rows:
         sentence, file_name, transcript = cells[0], cells[1], cells[2].strip()
-        if not transcript:
-            yield Skipped(file=str(table), line=number, language=code, reason="empty transcript")
-            continue
         audio = resolve_inside(table.parent / "audio" / split, file_name)
         if audio is None:
             yield Skipped(file=str(table), line=number, language=code,
                           reason=f"audio path outside the audio root: {file_name!r} leaves the locale's audio folder")
+            continue
+        if not transcript:
+            yield Skipped(file=str(audio), line=number, language=code, origin=str(table), reason="empty transcript")
             continue
         translations = {other: text for other, text in by_id[sentence].items() if other != code and text}
         yield Utterance(
