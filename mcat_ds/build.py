@@ -128,11 +128,21 @@ def _tag_text_pieces(tokenizer) -> dict[str, list[int]]:
     return {language.code: tokenizer(language.tag, add_special_tokens=False)["input_ids"] for language in LANGUAGES}
 
 
-def _initialise_tag_rows(llm: nn.Module, tag_ids: dict[str, int], text_pieces: dict[str, list[int]]) -> None:
-    """A new tag row starts as the mean embedding of the tag's text pieces: a point the LLM already
-    reads as that string, rather than noise."""
+def _initialise_tag_rows(llm: nn.Module, tag_ids: dict[str, int], text_pieces: dict[str, list[int]],
+                         how: str = "pieces") -> None:
+    """``pieces``: a new tag row starts as the mean embedding of the tag's text pieces, a point the
+    LLM already reads as that string rather than noise. ``random``: a Gaussian row whose norm is the
+    mean norm of the existing rows (drawn from torch's global generator, seeded by the trainer)."""
     weight = llm.get_input_embeddings().weight
     with torch.no_grad():
+        if how == "random":
+            existing = [row for row in range(weight.shape[0]) if row not in set(tag_ids.values())]
+            norm = weight[existing].float().norm(dim=1).mean()
+            rows = torch.randn(len(tag_ids), weight.shape[1])
+            rows = rows / rows.norm(dim=1, keepdim=True) * norm
+            for index, row in enumerate(tag_ids.values()):
+                weight[row] = rows[index].to(weight.device, weight.dtype)
+            return
         for code, row in tag_ids.items():
             weight[row] = weight[text_pieces[code]].float().mean(dim=0).to(weight.dtype)
 
@@ -222,10 +232,10 @@ def build_model(config: MCATConfig) -> tuple[MCATModel, Tokenizer]:
         text_pieces = _tag_text_pieces(hf_tokenizer)
         tag_ids = add_language_tags(hf_tokenizer)
         _resize_for_tags(llm, tag_ids)
-        _initialise_tag_rows(llm, tag_ids, text_pieces)
+        _initialise_tag_rows(llm, tag_ids, text_pieces, model_config.llm.tag_init)
     speech_input_scale = _speech_input_scale(llm, model_config.llm.speech_scale)
     model = _assemble(model_config, whisper, llm, speech_input_scale, tag_ids,
-                      hf_tokenizer.pad_token_id, hf_tokenizer.eos_token_id)
+                      hf_tokenizer.pad_token_id, hf_tokenizer.eos_token_id, config.optim.tag_loss_weight)
     return model, Tokenizer(hf_tokenizer, tag_ids)
 
 
@@ -273,7 +283,7 @@ def build_model_skeleton(config: MCATConfig, device: str | torch.device = "meta"
 
 
 def _assemble(model_config: ModelConfig, whisper: nn.Module, llm: nn.Module, speech_input_scale: float,
-              tag_ids: dict[str, int], pad_token_id: int, eos_token_id: int) -> MCATModel:
+              tag_ids: dict[str, int], pad_token_id: int, eos_token_id: int, tag_loss_weight: float = 1.0) -> MCATModel:
     encoder = SpeechEncoder(whisper)
     width = llm.get_input_embeddings().weight.shape[1]
     adapter = SpeechAdapter(model_config.adapter, encoder.width, width)
@@ -286,6 +296,8 @@ def _assemble(model_config: ModelConfig, whisper: nn.Module, llm: nn.Module, spe
         loss_implementation=model_config.llm.loss_implementation,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
+        tag_token_ids=tuple(sorted(set(tag_ids.values()))),
+        tag_loss_weight=tag_loss_weight,
     )
 
 

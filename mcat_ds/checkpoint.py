@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 import mcat_ds
 from mcat_ds.build import CheckpointError, Tokenizer, build_model
 from mcat_ds.config import MCATConfig, from_dict
+from mcat_ds.environment import describe_environment
 from mcat_ds.model import MCATModel
 
 CONFIG_FILE = "mcat_config.json"
@@ -55,6 +57,13 @@ def code_version() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return version
+
+
+def run_environment(config: MCATConfig) -> dict[str, Any]:
+    """This process's environment record (``mcat_ds.environment``) for metadata written now."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return describe_environment(world_size=world_size, threads_per_rank=torch.get_num_threads(),
+                                seeds={"runtime": config.runtime.seed, "data": config.data.seed})
 
 
 def _replace_directory(staging: Path, final: Path) -> None:
@@ -101,6 +110,7 @@ def write_checkpoint_metadata(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "code_version": code_version(),
+        "environment": run_environment(config),
         "base_checkpoints": {"encoder": config.model.encoder.checkpoint, "llm": config.model.llm.checkpoint},
         "language_tag_ids": tag_ids,
         **extra,

@@ -89,6 +89,11 @@ class LLMConfig:
     language_tags: Literal["special", "text"] = "special"
     """``special``: each ``<|xxx|>`` tag is one new token whose embedding trains; ``text``: tags are
     ordinary text split by the tokenizer, as in the release (needed to load release checkpoints)."""
+    tag_init: Literal["pieces", "random"] = "pieces"
+    """How a new tag row starts: ``pieces``, the mean embedding of the tag's text pieces (a point a
+    pretrained LLM already reads as that string); ``random``, a random row of the embedding's own
+    scale, the tags nearly orthogonal to each other (for random base models, whose pieces mean
+    nothing: their means leave the 70 tags ~0.7 cosine-similar, one more thing to unlearn)."""
     train_embeddings: Literal["none", "tags", "all"] = "tags"
     """Which token-embedding rows train (tied with the LM head): none, only the new tag rows, or every
     row (tiny random models cannot learn with frozen random embeddings)."""
@@ -146,6 +151,10 @@ class OptimConfig:
     starting at ``decay_start`` (a fraction of the stage's steps)."""
     min_lr_ratio: float = 0.05
     decay_start: float = 0.0
+    tag_loss_weight: float = 1.0
+    """How many tokens' worth a language-tag label counts in the training loss (a weighted mean;
+    validation is unweighted). SRT's target tag decides the whole translation's language while
+    being one token of a long target; weighting it makes that decision a real part of the loss."""
 
 
 @dataclass
@@ -173,6 +182,10 @@ class StageConfig:
     """Optimizer steps between resumable checkpoints."""
     eval_every: int = 500
     """Optimizer steps between validation losses (0: never)."""
+    min_tag_accuracy: float | None = None
+    """SRT: the stage fails (exit code 3, its state saved) when its final ``val_tag_accuracy`` (the
+    copied target tag, teacher-forced on the validation data) is below this fraction, rather than
+    handing a model that ignores the target language to the next stage."""
 
 
 @dataclass
@@ -188,6 +201,10 @@ class RuntimeConfig:
     the elementwise rest; ``full`` keeps only each layer's input (see ``mcat_ds.model.checkpointing``)."""
     keep_checkpoints: int = 2
     seed: int = 0
+    threads_per_rank: int = 1
+    """PyTorch math threads per rank. Fixed rather than derived from the host's core count: the
+    thread count splits reductions, so it is part of what makes two runs bit-identical. On a GPU the
+    ranks do little CPU math; a CPU-only run with cores to spare may raise it (and records it)."""
 
 
 @dataclass

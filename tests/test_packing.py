@@ -105,3 +105,26 @@ def test_chunked_cross_entropy_equals_one_pass():
     (grad_chunked,) = torch.autograd.grad(chunked, logits)
     (grad_whole,) = torch.autograd.grad(whole, logits)
     torch.testing.assert_close(grad_chunked, grad_whole)
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_tag_loss_weight_counts_each_tag_label_as_that_many_tokens_in_training(tiny_config, full_logits):
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_config("gemma2", "optim.tag_loss_weight=5"))
+    srt = [tokenize_example(tokenizer.hf, "<|eng|><|deu|>", "Will it rain?<|eng|><|deu|>Regnet es morgen?")] * 2
+    batch = collate_examples(srt, model.num_speech_tokens, tokenizer.hf.pad_token_id, "right")
+    features, lengths = random_features(2, [500, 120])
+    model.eval()
+    plain = model(features, lengths, batch, full_logits=True)
+    model.train()
+    weighted = model(features, lengths, batch, full_logits=full_logits)
+    targets = batch.labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    token_losses = torch.nn.functional.cross_entropy(plain.logits[:, :-1][labelled].float(), targets[labelled],
+                                                     reduction="none")
+    is_tag = torch.isin(targets[labelled], torch.tensor(sorted(tokenizer.tag_ids.values())))
+    assert int(is_tag.sum()) == 4  # <|eng|><|deu|> in each of the two targets
+    weights = 1 + 4 * is_tag.float()
+    torch.testing.assert_close(weighted.loss, (weights * token_losses).sum() / weights.sum(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(plain.loss, token_losses.mean(), atol=1e-6, rtol=1e-6)  # evaluation: unweighted
+    assert not torch.allclose(weighted.loss, plain.loss)

@@ -1,5 +1,6 @@
 """Real DeepSpeed engines, two CPU ranks: resume after a kill, preemption, stage hand-off."""
 
+import json
 import os
 import signal
 import subprocess
@@ -120,3 +121,38 @@ def test_packed_checkpointed_micro_batches_train_the_padded_curve(uninterrupted,
     for got, want in zip(read_metrics(tmp_path / "asr-l2" / "metrics.jsonl"), expected, strict=True):
         assert got["tokens"] == want["tokens"] and got["samples"] == want["samples"]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), got["step"]
+
+
+def test_the_same_run_twice_gives_bit_identical_losses_and_records_where_it_ran(uninterrupted, small_shards, tmp_path):
+    result = run(train(tmp_path, small_shards))
+    assert result.returncode == 0, result.stderr[-4000:]
+    first, second = (read_metrics(d / "asr-l2" / "metrics.jsonl") for d in (uninterrupted, tmp_path))
+    assert [m["loss"] for m in second] == [m["loss"] for m in first]  # exactly, not approximately
+    final, reference = (load_file(str(d / "asr-l2" / "final" / "adapter.safetensors")) for d in (tmp_path, uninterrupted))
+    assert all(final[name].equal(tensor) for name, tensor in reference.items())
+    for record in (json.loads((tmp_path / "asr-l2" / "final" / "mcat_config.json").read_text()),
+                   json.loads(next((tmp_path / "asr-l2" / "checkpoints").glob("step-*/state.json")).read_text())):
+        environment = record["environment"]
+        assert environment["world_size"] == 2 and environment["threads_per_rank"] == 1
+        assert environment["seeds"] == {"runtime": 0, "data": 0}
+        assert environment["packages"]["torch"] and environment["packages"]["deepspeed"]
+        assert environment["cpu"]["model"] and isinstance(environment["cpu"]["isa_flags"], list)
+
+
+def test_an_srt_stage_below_its_tag_gate_stops_with_its_state_saved(uninterrupted, small_shards, tmp_path):
+    srt = train(tmp_path, small_shards, "--init-from", str(uninterrupted / "asr-l2" / "final"),
+                "--set", f"data.validation={small_shards}", "--set", "stage.eval_every=2",
+                "--set", "stage.min_tag_accuracy=0.99", stage="srt", steps=4)
+    result = run(srt)
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "failed its gate: target-tag accuracy" in result.stderr and "stage.min_tag_accuracy=none" in result.stderr
+    metrics = read_metrics(tmp_path / "srt" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["val_tag_accuracy"] < 0.99 and "val_first_token_accuracy" in metrics[-1]
+    assert (tmp_path / "srt" / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
+    assert not (tmp_path / "srt" / "final").exists()
+
+    accepted = run(srt + ["--set", "stage.min_tag_accuracy=none"])  # resumes at its last step: nothing retrained
+    assert accepted.returncode == 0, accepted.stderr[-4000:]
+    assert (tmp_path / "srt" / "final" / "mcat_config.json").is_file()
+    assert [m["step"] for m in read_metrics(tmp_path / "srt" / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -38,16 +38,16 @@ def resolve_loss_implementation(requested: LossImplementation, device: torch.dev
 
 
 def _chunk_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
-                softcap: float | None) -> torch.Tensor:
+                softcap: float | None, class_weights: torch.Tensor | None = None) -> torch.Tensor:
     logits = head(hidden).float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, weight=class_weights, reduction="sum")
 
 
 def chunked_head_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
                                targets: torch.Tensor, softcap: float | None = None,
-                               chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+                               chunk_rows: int = CHUNK_ROWS, class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The chunked path with any ``head`` (hidden -> logits): a weight's matmul, or the head module
     itself where only its own forward can produce its weight (ZeRO-3 gathers a partitioned weight
     in the module's hooks, again when backward recomputes the chunk)."""
@@ -55,16 +55,18 @@ def chunked_head_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tenso
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, hidden[rows], head, targets[rows], softcap, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, hidden[rows], head, targets[rows], softcap, class_weights,
+                                       use_reentrant=False)
         else:
-            total = total + _chunk_loss(hidden[rows], head, targets[rows], softcap)
+            total = total + _chunk_loss(hidden[rows], head, targets[rows], softcap, class_weights)
     return total
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          softcap: float | None = None, implementation: LossImplementation = "auto",
-                         chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """Summed fp32 cross-entropy of ``softcap(hidden @ weight.T)`` against ``targets``.
+                         chunk_rows: int = CHUNK_ROWS, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed fp32 cross-entropy of ``softcap(hidden @ weight.T)`` against ``targets``; with
+    ``class_weights`` (V,) each token's loss counts ``class_weights[target]`` times.
 
     hidden: (N, H) final hidden states at the positions that predict a label; weight: (V, H) the LM
     head; targets: (N,) label ids (no ignored entries: callers select the label positions)."""
@@ -72,7 +74,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if implementation == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", softcap=softcap).float()
+        return liger_fused_linear_cross_entropy(hidden, weight, targets, ce_weight=class_weights, reduction="sum",
+                                                softcap=softcap).float()
     if implementation != "chunked":
         raise ValueError(f"unknown loss implementation {implementation!r}; use auto, liger or chunked")
-    return chunked_head_cross_entropy(hidden, lambda rows: rows @ weight.t(), targets, softcap, chunk_rows)
+    return chunked_head_cross_entropy(hidden, lambda rows: rows @ weight.t(), targets, softcap, chunk_rows,
+                                      class_weights)

@@ -15,7 +15,8 @@ from mcat_ds.model.encoder import SpeechEncoder
 from mcat_ds.model.loss import LossImplementation, chunked_head_cross_entropy, linear_cross_entropy
 
 
-def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048,
+                          class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed fp32 cross-entropy of (..., V) logits against targets (IGNORE_INDEX skipped), upcasting
     ``chunk_rows`` rows at a time rather than the whole (tokens x vocabulary) matrix at once."""
     logits = logits.reshape(-1, logits.shape[-1])
@@ -23,7 +24,7 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_row
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, logits.shape[0], chunk_rows):
         total = total + F.cross_entropy(logits[start:start + chunk_rows].float(), targets[start:start + chunk_rows],
-                                        ignore_index=IGNORE_INDEX, reduction="sum")
+                                        weight=class_weights, ignore_index=IGNORE_INDEX, reduction="sum")
     return total
 
 
@@ -48,6 +49,8 @@ class MCATOutput:
     """Logits of every position with ``full_logits`` or without labels; None otherwise (the loss
     never materialises them)."""
     num_label_tokens: int
+    predictions: torch.Tensor | None = None
+    """With ``predict_at``: the argmax token id at each selected position, in row-major order."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class MCATModel(nn.Module):
         pad_token_id: int,
         loss_implementation: LossImplementation = "auto",
         eos_token_id: int,
+        tag_token_ids: tuple[int, ...] = (),
+        tag_loss_weight: float = 1.0,
     ):
         super().__init__()
         self.encoder = encoder
@@ -89,6 +94,18 @@ class MCATModel(nn.Module):
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.loss_implementation = loss_implementation
+        self.tag_token_ids = tuple(tag_token_ids)
+        self.tag_loss_weight = tag_loss_weight
+
+    def _class_weights(self, device: torch.device) -> torch.Tensor | None:
+        """In training, language-tag labels count ``tag_loss_weight`` times (evaluation stays plain)."""
+        if not self.training or self.tag_loss_weight == 1.0 or not self.tag_token_ids:
+            return None
+        embedding = self.llm.get_input_embeddings().weight
+        vocabulary = getattr(embedding, "ds_shape", embedding.shape)[0]  # ZeRO-3 partitions the rows
+        weights = torch.ones(vocabulary, dtype=torch.float32, device=device)
+        weights[list(self.tag_token_ids)] = self.tag_loss_weight
+        return weights
 
     @property
     def num_speech_tokens(self) -> int:
@@ -113,12 +130,17 @@ class MCATModel(nn.Module):
         return tokens.masked_scatter(batch.speech_mask[..., None], speech.to(tokens.dtype))
 
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor, batch: LLMBatch,
-                full_logits: bool = False) -> MCATOutput:
+                full_logits: bool = False, predict_at: torch.Tensor | None = None) -> MCATOutput:
         """Mean cross-entropy over the label tokens. The LM head and the loss run fused over the
         label tokens only (``mcat_ds.model.loss``; Gemma's vocabulary is 256k: full logits would
         dwarf the rest of the step's memory). ``full_logits`` (or no labels) runs the HF head over
-        every position and returns its logits, the loss then computed from them."""
+        every position and returns its logits, the loss then computed from them.
+
+        ``predict_at``: a (B, T - 1) bool mask over the positions that predict ``labels[:, 1:]``;
+        the greedy prediction there (over the whole vocabulary) comes back as ``predictions``, the
+        head computed for those positions only (validation's tag-decision accuracy)."""
         embeds = self.input_embeddings(batch, self.speech_embeddings(features, feature_lengths))
+        class_weights = None if batch.labels is None else self._class_weights(embeds.device)
         inputs = dict(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                       use_cache=False)
         if batch.labels is None or full_logits:
@@ -126,9 +148,12 @@ class MCATModel(nn.Module):
             if batch.labels is None:
                 return MCATOutput(None, logits, 0)
             targets = batch.labels[:, 1:]
-            num_label_tokens = int((targets != IGNORE_INDEX).sum())
-            loss = chunked_cross_entropy(logits[:, :-1], targets) / max(num_label_tokens, 1)
-            return MCATOutput(loss, logits, num_label_tokens)
+            labelled = targets != IGNORE_INDEX
+            num_label_tokens = int(labelled.sum())
+            total_weight = num_label_tokens if class_weights is None else class_weights[targets[labelled]].sum()
+            loss = chunked_cross_entropy(logits[:, :-1], targets, class_weights=class_weights) / max(total_weight, 1)
+            predictions = None if predict_at is None else logits[:, :-1][predict_at].argmax(-1)
+            return MCATOutput(loss, logits, num_label_tokens, predictions)
         causal_lm = self.llm.get_base_model()
         hidden = causal_lm.get_decoder()(**inputs).last_hidden_state
         # position p predicts token p + 1
@@ -138,11 +163,18 @@ class MCATModel(nn.Module):
         softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
         if any(hasattr(p, "ds_id") for p in head.parameters()):
             # ZeRO-3 partitions the weight; only the head module's own forward gathers it
-            loss = chunked_head_cross_entropy(hidden[:, :-1][predicting], head, targets, softcap)
+            loss = chunked_head_cross_entropy(hidden[:, :-1][predicting], head, targets, softcap,
+                                              class_weights=class_weights)
         else:
             loss = linear_cross_entropy(hidden[:, :-1][predicting], _head_weight(head), targets, softcap=softcap,
-                                        implementation=self.loss_implementation)
-        return MCATOutput(loss / max(targets.numel(), 1), None, targets.numel())
+                                        implementation=self.loss_implementation, class_weights=class_weights)
+        # a weighted mean: with tag_loss_weight w, a tag label counts as w tokens
+        total_weight = targets.numel() if class_weights is None else class_weights[targets].sum()
+        predictions = None
+        if predict_at is not None:
+            # a soft-cap is monotonic: the argmax of the raw head is the prediction
+            predictions = head(hidden[:, :-1][predict_at]).argmax(-1)
+        return MCATOutput(loss / max(total_weight, 1), None, targets.numel(), predictions)
 
     @torch.no_grad()
     def generate(

@@ -47,10 +47,7 @@ def setup_distributed() -> Placement:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
-        device = torch.device("cpu")
-        # ranks on one node share its cores; oversubscribing them slows every rank down
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        device = torch.device("cpu")  # math threads per rank: runtime.threads_per_rank, set by the stage
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return Placement(dist.get_rank(), dist.get_world_size(), device)

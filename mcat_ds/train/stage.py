@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from mcat_ds.build import CheckpointError, build_model, count_parameters
 from mcat_ds.model.checkpointing import enable_activation_checkpointing
-from mcat_ds.checkpoint import CONFIG_FILE, load_trainable_weights, save_checkpoint
+from mcat_ds.checkpoint import CONFIG_FILE, load_trainable_weights, run_environment, save_checkpoint
 from mcat_ds.config import ConfigError, MCATConfig
 from mcat_ds.curriculum import example_selection
 from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram
@@ -34,6 +34,7 @@ from mcat_ds.train.costs import check_memory_fits, peak_flops, step_flops
 from mcat_ds.train.engine import deepspeed_config, learning_rate, make_optimizer
 from mcat_ds.train.monitor import StageMonitor
 from mcat_ds.train.preemption import PREEMPTED_EXIT_CODE, stop_requested
+from mcat_ds.train.validation import all_reduce_sum, validate
 from mcat_ds.train.state import (
     full_trainable_state,
     latest_checkpoint,
@@ -83,6 +84,10 @@ class Placement:
 
 class StageError(RuntimeError):
     pass
+
+
+GATE_FAILED_EXIT_CODE = 3
+"""The stage trained to its end but missed ``stage.min_tag_accuracy``; its state is saved."""
 
 
 def _starting_point(config: MCATConfig, run_dir: Path, init_from: Path | None) -> Path | None:
@@ -141,33 +146,33 @@ class _ExampleStream:
             epoch, position = epoch + 1, 0
 
 
-def _all_reduce_sum(values: list[float], placement: Placement) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            tensor = tensor.to(placement.device)
-        dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
-
-
-def _forward(engine, batch: Batch, log_mel: LogMelSpectrogram, device: torch.device):
+def _forward(engine, batch: Batch, log_mel: LogMelSpectrogram, device: torch.device, predict_at=None):
     features = batch.speech_features(log_mel, device)
-    return engine(features, batch.feature_lengths.to(device), batch.llm.to(device))
+    if predict_at is not None:
+        predict_at = predict_at.to(device)
+    return engine(features, batch.feature_lengths.to(device), batch.llm.to(device), predict_at=predict_at)
 
 
-def validation_loss(engine, stream: _ExampleStream, log_mel, placement: Placement) -> float:
-    """Token-weighted loss over this rank's share of the held-out data, averaged over ranks."""
-    engine.eval()
-    total, tokens = 0.0, 0.0
-    with torch.no_grad():
-        for batch in stream.epoch_batches(0, 0, 0):
-            if batch.llm is not None:
-                out = _forward(engine, batch, log_mel, placement.device)
-                total += out.loss.item() * out.num_label_tokens
-                tokens += out.num_label_tokens
-    engine.train()
-    total, tokens = _all_reduce_sum([total, tokens], placement)
-    return total / max(tokens, 1.0)
+def _validate(engine, stream: _ExampleStream, log_mel, tag_ids, placement: Placement) -> dict[str, float]:
+    return validate(engine, stream.epoch_batches(0, 0, 0), tag_ids, stream.config.stage.task,
+                    lambda batch, predict_at: _forward(engine, batch, log_mel, placement.device, predict_at),
+                    lambda values: all_reduce_sum(values, placement.device))
+
+
+def _passes_tag_gate(config: MCATConfig, validation: dict[str, float], languages: int, paths: StagePaths,
+                     monitor: StageMonitor | None) -> bool:
+    accuracy = validation.get("val_tag_accuracy")
+    if accuracy is not None and accuracy >= config.stage.min_tag_accuracy:
+        return True
+    if monitor is not None:
+        shown = "not measured" if accuracy is None else f"{accuracy:.1%}"
+        monitor.message(
+            f"stage {config.stage.name} failed its gate: target-tag accuracy {shown} on {config.data.validation} "
+            f"is below stage.min_tag_accuracy={config.stage.min_tag_accuracy:g} (a model that ignores the prompt's "
+            f"target tag scores about 1/{languages - 1}). The final state is saved in {paths.checkpoints}; no final "
+            f"checkpoint was written and the next stage does not start. To accept this model, run again with "
+            f"--set stage.min_tag_accuracy=none")
+    return False
 
 
 def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_from: Path | None = None) -> int:
@@ -192,6 +197,8 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
     if placement.on_gpu:
         _check_memory(config, placement, zero.get("stage", 0), bool(zero.get("offload_optimizer")))
 
+    torch.set_num_threads(config.runtime.threads_per_rank)  # never the host's core count: see RuntimeConfig
+    environment = run_environment(config)
     torch.manual_seed(config.runtime.seed)  # identical fresh weights on every rank
     model, tokenizer = build_model(config)
     if start is not None:
@@ -217,6 +224,9 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
     examples_per_step = config.stage.micro_batch_size * config.stage.grad_accum_steps
     total_steps = config.stage.max_steps or max(1, math.ceil(config.stage.epochs * len(stream.share(0)) / examples_per_step))
     validation = None
+    if config.stage.min_tag_accuracy is not None and not (config.data.validation and config.stage.task == "srt"):
+        raise ConfigError(f"stage.min_tag_accuracy gates SRT stages on their validation data; stage "
+                          f"{config.stage.name} is {config.stage.task} with data.validation={config.data.validation}")
     if config.data.validation:
         validation = _ExampleStream(config, Path(config.data.validation), load_index(config.data.validation),
                                     tokenizer.hf, window, model.num_speech_tokens, placement)
@@ -232,6 +242,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
     peak = peak_flops(torch.cuda.get_device_name(placement.device)) if placement.on_gpu else None
     batches = stream.batches(epoch, position, config.data.num_workers)
     previous_batch: Batch | None = None
+    final_validation: dict[str, float] | None = None
     exit_code = 0
     try:
         while step < total_steps:
@@ -262,8 +273,8 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
                 samples += len(batch.keys) * weight
                 llm_tokens += batch.llm.num_tokens * weight
             step += 1
-            loss_sum, tokens, samples, llm_tokens, skipped = _all_reduce_sum(
-                [loss_sum, tokens, samples, llm_tokens, skipped], placement)
+            loss_sum, tokens, samples, llm_tokens, skipped = all_reduce_sum(
+                [loss_sum, tokens, samples, llm_tokens, skipped], placement.device)
             elapsed = time.perf_counter() - started
             record = {
                 "step": step, "loss": loss_sum / max(tokens, 1.0), "lr": lr, "epoch": epoch,
@@ -276,18 +287,29 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
                                    model.encoder.width, head_parameters, int(tokens))
                 record["mfu"] = flops / elapsed / (peak * placement.world_size)
             if validation is not None and config.stage.eval_every and (step % config.stage.eval_every == 0 or step == total_steps):
-                record["val_loss"] = validation_loss(engine, validation, log_mel, placement)
+                record.update(_validate(engine, validation, log_mel, tokenizer.tag_ids.values(), placement))
+                if step == total_steps:
+                    final_validation = record
             if monitor is not None:
                 monitor.log(record)
             preempted = stop_requested()
             if preempted or (step % config.stage.save_every == 0 and step < total_steps):
                 save_training_state(engine, step, epoch, position, paths.checkpoints, config.to_dict(),
-                                    config.runtime.keep_checkpoints)
+                                    config.runtime.keep_checkpoints, environment)
             if preempted:
                 if monitor is not None:
                     monitor.message(f"stop requested: saved step {step}; exiting with {PREEMPTED_EXIT_CODE} to be requeued")
                 exit_code = PREEMPTED_EXIT_CODE
                 break
+        if exit_code == 0 and config.stage.min_tag_accuracy is not None:
+            if final_validation is None:  # resumed after the last step
+                final_validation = _validate(engine, validation, log_mel, tokenizer.tag_ids.values(), placement)
+            if not _passes_tag_gate(config, final_validation, len(selection.languages), paths, monitor):
+                saved = latest_checkpoint(paths.checkpoints)
+                if saved is None or saved.name != f"step-{step:08d}":  # nothing trained is lost
+                    save_training_state(engine, step, epoch, position, paths.checkpoints, config.to_dict(),
+                                        config.runtime.keep_checkpoints, environment)
+                exit_code = GATE_FAILED_EXIT_CODE
         if exit_code == 0:
             weights = full_trainable_state(engine)
             if placement.leader:

@@ -118,9 +118,9 @@ def full_trainable_state(engine) -> dict[str, torch.Tensor]:
 
 
 def save_training_state(engine, step: int, epoch: int, position: int, checkpoints: Path, config: dict[str, Any],
-                        keep: int) -> Path:
+                        keep: int, environment: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint (collective: ``position`` is this rank's), then point ``latest`` at it and
-    prune old ones (rank 0)."""
+    prune old ones (rank 0). ``environment``: where the run runs (``mcat_ds.environment``)."""
     rank = _rank()
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     target = checkpoints / f"step-{step:08d}"
@@ -145,7 +145,8 @@ def save_training_state(engine, step: int, epoch: int, position: int, checkpoint
         save_file(weights, str(target / WEIGHTS_FILE))
         save_file(moments, str(target / OPTIMIZER_FILE))
         state = TrainingState(step, epoch, positions, world_size)
-        record = {**asdict(state), "adam_step": _adam_step(engine), "code_version": code_version(), "config": config}
+        record = {**asdict(state), "adam_step": _adam_step(engine), "code_version": code_version(),
+                  "environment": environment, "config": config}
         (target / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     _barrier()  # every rank's RNG file is on disk
     if rank == 0:
