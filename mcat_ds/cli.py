@@ -129,7 +129,7 @@ def demo(args: argparse.Namespace) -> int:
     from mcat_ds.demo import run_demo
 
     extra = [item for override in args.overrides for item in ("--set", override)]
-    return run_demo(args.run_dir, args.ranks, extra)
+    return run_demo(args.run_dir, args.ranks, extra, seed=args.seed)
 
 
 def translate(args: argparse.Namespace) -> int:
@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_main.add_argument("--run-dir", required=True, help="where stages, checkpoints and report.json go")
     demo_main.add_argument("--ranks", type=int, default=None, help="DeepSpeed ranks (default: 2)")
+    demo_main.add_argument("--seed", type=int, default=0,
+                           help="runtime.seed and data.seed: base models, initialisation, data order (default: %(default)s)")
     demo_main.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="passed to every stage, e.g. --set stage.max_steps=20 for a quick look")
     demo_main.set_defaults(handler=demo)
