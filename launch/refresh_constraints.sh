@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Re-resolve the pinned versions CI and launch/demo.sh install (constraints/*.txt): builds both
+# environments from setup.py's open ranges in a temporary folder, as a new user's pip would today,
+# and freezes them. Run it to take new releases in, then run launch/test.sh and commit the files
+# together with what the new versions needed.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+freeze() {  # VENV OUT TITLE
+    {
+        echo "# $3 -- pinned by launch/refresh_constraints.sh on $(date -u +%Y-%m-%d), Python $("$1/bin/python" -c 'import platform; print(platform.python_version())')"
+        echo "# CI and launch/demo.sh install with pip -c this file; refresh it with that script, never by hand."
+        # pip itself is upgraded first; torch's local label (+cpu) names a build, not a version
+        "$1/bin/pip" freeze --all --exclude-editable | grep -v '^pip==' | sed -E 's/^(torch==[^+]+)\+.*/\1/'
+    } > "$2"
+    echo "wrote $2 ($(grep -vc '^#' "$2") packages)"
+}
+
+fresh_venv "$work/tf4"
+for step in "${MAIN_VENV_STEPS[@]}"; do (cd "$REPO" && "$work/tf4/bin/pip" install -q $step); done
+freeze "$work/tf4" "$REPO/constraints/transformers4.txt" "transformers 4.x with unbabel-comet (the full suite, the demo)"
+
+fresh_venv "$work/tf5"
+(cd "$REPO" && "$work/tf5/bin/pip" install -q -e ".[dev]" "transformers>=5")
+freeze "$work/tf5" "$REPO/constraints/transformers5.txt" "transformers 5.x (the units on the newer API)"
