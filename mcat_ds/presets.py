@@ -90,7 +90,7 @@ def tiny() -> MCATConfig:
 
 STAGE_TUNING: dict[str, dict[str, list[str]]] = {
     # Lengths that take the tiny model through the demo corpus to near-exact SRT for every seed
-    # measured (benchmarks/demo_seeds.csv) in under 10 minutes on 2 CPU cores (2 ranks of 16: a
+    # measured (benchmarks/demo_seeds.csv) in 10-13 minutes on 2 CPU cores (2 ranks of 16: a
     # global batch of 32 learned faster per unit of compute than 16 or 64); the last stage anneals
     # the learning rate, which closes the gap. Both SRT stages stop the curriculum if the model has
     # not learned to copy the prompt's target tag (chance is 1/8 on the demo's 9 languages).
