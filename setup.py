@@ -16,6 +16,7 @@ setup(
         "peft>=0.17",
         "safetensors",
         "tokenizers",
+        "pyyaml",  # the release's run configs (hydra dumps), read by mcat import-release
         "numpy",
         "soundfile",
         "soxr",

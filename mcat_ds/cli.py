@@ -61,8 +61,11 @@ def import_release(args: argparse.Namespace) -> int:
     from mcat_ds.release import import_release_checkpoint
 
     config = _resolved_config(args)
-    out = import_release_checkpoint(args.model_pt, config, args.out)
-    print(f"wrote {out}")
+    report = import_release_checkpoint(args.model_pt, config, args.out, lora_alpha=args.lora_alpha,
+                                       release_config=args.release_config)
+    for line in report.lines():
+        print(f"mcat import-release: {line}")
+    print(f"mcat import-release: wrote {args.out}")
     return 0
 
 
@@ -79,7 +82,8 @@ def prepare(args: argparse.Namespace) -> int:
     else:
         records = read_fleurs(Path(args.fleurs), args.split)
     limits = ShardLimits(max_bytes=int(args.shard_mb * 1024 * 1024), max_samples=args.shard_samples)
-    report = prepare_shards(records, args.out, max_seconds=args.max_seconds, limits=limits, workers=args.workers)
+    max_seconds = args.max_seconds if args.max_seconds > 0 else float("inf")
+    report = prepare_shards(records, args.out, max_seconds=max_seconds, limits=limits, workers=args.workers)
     print(f"wrote {report['written']} utterances ({report['hours']:.2f} h) in {len(report['shards'])} shards to {args.out}")
     if report["skipped"]:
         reasons = ", ".join(f"{count} {reason}" for reason, count in report["skipped_by_reason"].items())
@@ -132,28 +136,58 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(args.run_dir, args.ranks, extra, seed=args.seed)
 
 
+def _translate_data(args: argparse.Namespace):
+    """The prepared shard directory to read: ``--data`` itself, or a manifest sharded once next to the
+    output. Checked before any weights load, so a typo costs seconds, not a 27B model load."""
+    from pathlib import Path
+
+    from mcat_ds.data.shards import INDEX_FILE
+
+    data, out = Path(args.data), Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; it names the JSONL file to write")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: its directory {out.parent} does not exist")
+    if data.is_dir():
+        if not (data / INDEX_FILE).is_file():
+            raise ValueError(f"--data {data} holds no {INDEX_FILE}: prepare it with `mcat prepare` (or pass a manifest)")
+        return data
+    if not data.is_file():
+        raise ValueError(f"--data {data}: no such shard directory or manifest")
+    shards = out.with_name(out.name + ".shards")
+    if not (shards / INDEX_FILE).is_file():
+        from mcat_ds.data.prepare import prepare_shards
+        from mcat_ds.data.sources import read_manifest
+
+        if not args.audio_root:
+            raise ValueError("a manifest needs --audio-root (the directory its audio paths are relative to)")
+        # Long audio is kept here (and trimmed or skipped by translate), so every test utterance is counted.
+        prepare_shards(read_manifest(data, Path(args.audio_root)), shards, max_seconds=float("inf"))
+    return shards
+
+
 def translate(args: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
     import torch
 
-    from mcat_ds.checkpoint import load_checkpoint
-    from mcat_ds.inference import TranslateConfig
+    from mcat_ds.checkpoint import load_checkpoint, read_checkpoint_config
+    from mcat_ds.data.shards import load_index
+    from mcat_ds.inference import TranslateConfig, plan_requests
     from mcat_ds.inference import translate as run_translation
 
-    data = Path(args.data)
-    if data.is_file():  # a manifest: shard it once next to the output, then read the shards
-        from mcat_ds.data.prepare import prepare_shards
-        from mcat_ds.data.shards import INDEX_FILE
-        from mcat_ds.data.sources import read_manifest
-
-        shards = Path(args.out).with_name(Path(args.out).name + ".shards")
-        if not (shards / INDEX_FILE).is_file():
-            if not args.audio_root:
-                raise ValueError("a manifest needs --audio-root (the directory its audio paths are relative to)")
-            prepare_shards(read_manifest(data, Path(args.audio_root)), shards)
-        data = shards
+    generation = read_checkpoint_config(args.checkpoint).generation
+    config = TranslateConfig(
+        task=args.task, directions=args.directions, batch=args.batch,
+        beams=generation.beams if args.beams is None else args.beams,
+        max_new_tokens=generation.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+        no_repeat_ngram_size=(generation.no_repeat_ngram_size if args.no_repeat_ngram_size is None
+                              else args.no_repeat_ngram_size),
+        decoder=args.decoder, long_audio=args.long_audio,
+    )
+    data = _translate_data(args)
+    if not plan_requests(load_index(data), config):
+        raise ValueError(f"no {args.task} requests in {data} for --directions {args.directions}")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     barrier = None
     if world_size > 1:
@@ -162,27 +196,37 @@ def translate(args: argparse.Namespace) -> int:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         barrier = dist.barrier
+    if rank == 0:
+        print(f"mcat translate: decoding with beams={config.beams}, max_new_tokens={config.max_new_tokens}, "
+              f"no_repeat_ngram_size={config.no_repeat_ngram_size} (the checkpoint's generation settings "
+              "unless a flag set them)")
     device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, _ = load_checkpoint(args.checkpoint, encoder_checkpoint=args.encoder_checkpoint,
                                           llm_checkpoint=args.llm_checkpoint)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model.to(device=device, dtype=dtype).eval()
-    config = TranslateConfig(task=args.task, directions=args.directions, batch=args.batch, beams=args.beams,
-                             max_new_tokens=args.max_new_tokens, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                             decoder=args.decoder)
     summary = run_translation(model, tokenizer, data, args.out, config, rank=rank, world_size=world_size, barrier=barrier)
     if rank == 0:
+        long_audio = (f"{len(summary.trimmed_audio)} trimmed to the window" if config.long_audio == "trim"
+                      else f"{len(summary.long_audio_skipped)} skipped as longer than the window")
         print(f"mcat translate: {summary.written} new outputs ({summary.already_done} already there) of "
               f"{summary.requests} requests in {summary.seconds:.1f} s; {summary.utterances_encoded} utterances encoded; "
-              f"{len(summary.skipped_audio)} skipped audio; {summary.srt_malformed} malformed SRT outputs -> {args.out}")
+              f"{len(summary.skipped_audio)} skipped audio; long audio: {long_audio}; "
+              f"{summary.srt_malformed} malformed SRT outputs -> {args.out}")
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from mcat_ds.evaluate import evaluate as run_evaluation
 
     results = run_evaluation(args.hyps, args.out, comet_model=args.comet_model, spm=args.spm, compare=args.compare,
-                             comet_batch=args.comet_batch)
+                             comet_batch=args.comet_batch, srt_split=args.srt_split)
+    split = json.loads((Path(args.out) / "srt_split.json").read_text(encoding="utf-8"))
+    if split["srt_outputs"]:
+        print(f"mcat evaluate: SRT outputs split by the {split['rule']} rule; the first and release rules give "
+              f"different translations for {split['translations_differ']} of {split['srt_outputs']}")
     computed = [m for m in ("spbleu", "chrf", "comet", "wer") if any(getattr(r, m) is not None for r in results)]
     print(f"mcat evaluate: {len(results)} directions ({', '.join(computed)}) -> {args.out}/directions.csv, summary.md"
           + (", heatmap.png" if any(m != "wer" for m in computed) else ""))
@@ -220,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(release_parser, default_preset="small-9b")
     release_parser.add_argument("--model-pt", required=True, help="the release's model.pt (adapter + LoRA)")
     release_parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    release_parser.add_argument("--lora-alpha", type=int,
+                                help="LoRA alpha of the release run (model.pt does not store it; default: the "
+                                     "--release-config's, else the release's default 32)")
+    release_parser.add_argument("--release-config",
+                                help="the release run's config (hydra .hydra/config.yaml, or YAML/JSON with "
+                                     "train_config.peft_config): LoRA alpha and dropout")
     release_parser.set_defaults(handler=import_release)
 
     prepare_parser = commands.add_parser("prepare", help="validate audio and write webdataset shards + report.json")
@@ -230,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_parser.add_argument("--split", default="train", help="FLEURS split (default: %(default)s)")
     prepare_parser.add_argument("--out", required=True, help="output directory (must hold no shards yet)")
     prepare_parser.add_argument("--max-seconds", type=float, default=30.0,
-                                help="longest usable audio, the encoder's window (default: %(default)s)")
+                                help="longest usable audio, the encoder's window (default: %(default)s); 0 keeps "
+                                     "every length, for test sets: translate trims long audio to the window")
     prepare_parser.add_argument("--shard-mb", type=float, default=256, help="target shard size (default: %(default)s)")
     prepare_parser.add_argument("--shard-samples", type=int, default=10_000, help="most samples per shard")
     prepare_parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
@@ -255,9 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     translate_parser.add_argument("--out", required=True, help="JSONL output; re-running skips ids already in it")
     translate_parser.add_argument("--directions", default="all", help="all, eng-x, x-eng or SRC-TGT,... (x: any)")
     translate_parser.add_argument("--batch", type=int, default=50, help="requests decoded together")
-    translate_parser.add_argument("--beams", type=int, default=1, help="1: the fast greedy decoder; more: beam search")
-    translate_parser.add_argument("--max-new-tokens", type=int, default=256)
-    translate_parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="the release decodes with 5")
+    translate_parser.add_argument("--beams", type=int,
+                                  help="1: the fast greedy decoder; more: beam search (default: the checkpoint's)")
+    translate_parser.add_argument("--max-new-tokens", type=int, help="default: the checkpoint's (ours 256, release 400)")
+    translate_parser.add_argument("--no-repeat-ngram-size", type=int,
+                                  help="default: the checkpoint's (ours 0; an imported release checkpoint 5)")
+    translate_parser.add_argument("--long-audio", choices=("trim", "skip"), default="trim",
+                                  help="audio longer than the encoder's window: trim it to the window, as the "
+                                       "release does (default), or skip it; either way it is counted")
     translate_parser.add_argument("--decoder", choices=("fast", "hf"), default="fast",
                                   help="fast: KV-cache greedy loop; hf: transformers generate")
     translate_parser.add_argument("--device", help="default: this rank's GPU, else CPU")
@@ -273,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--spm", help="the FLORES-200 SentencePiece model file, for spBLEU")
     evaluate_parser.add_argument("--compare", help="published per-direction scores (CSV with iso3, spbleu, comet)")
     evaluate_parser.add_argument("--comet-batch", type=int, default=64)
+    evaluate_parser.add_argument("--srt-split", choices=("first", "release"),
+                                 help="how SRT outputs are split: first (the first piece after the first tag run) or "
+                                      "release (the text after the last |>, as the release scores). Default: release "
+                                      "with --compare, else first")
     evaluate_parser.set_defaults(handler=evaluate)
     return parser
 

@@ -208,6 +208,18 @@ class RuntimeConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How ``mcat translate`` decodes with this checkpoint unless its flags say otherwise. Kept in the
+    checkpoint, so that a model is decoded the way it was meant to be (an imported release checkpoint
+    carries the release's settings)."""
+
+    beams: int = 1
+    max_new_tokens: int = 256
+    no_repeat_ngram_size: int = 0
+    """0: plain greedy / beam search; the release decodes with 5."""
+
+
+@dataclass
 class MCATConfig:
     preset: str = "small-9b"
     curriculum: tuple[str, ...] = (
@@ -219,6 +231,7 @@ class MCATConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -15,12 +15,19 @@ Writes into the output directory:
 - ``summary.md``: the paper's summaries (Table VI: X->eng, eng->X, X->Y averages; Table VIII: each
   language as source and as target) and, with ``--compare``, ours beside the published scores;
 - ``heatmap.png``: the source x target matrix of COMET (or spBLEU, or chrF++), Figure 5 style;
-- ``compare.csv`` with ``--compare``: per direction, ours, published and the difference.
+- ``compare.csv`` with ``--compare``: per direction, ours, published and the difference;
+- ``release_table.csv``: the published CSV's own layout (``idx,iso3,spbleu,comet``);
+- ``srt_split.json``: the SRT split rule used and how many outputs the two rules split differently.
+
+SRT outputs are re-split from the raw ``output``: by default with ``first`` (the first piece after the
+first tag run, robust to decoding loops); against published scores with ``release`` (the release's
+scorer takes the text after the last ``|>``), so that a malformed output is scored as it was there.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcat_ds.languages import LANGUAGES
+from mcat_ds.prompts import SRTSplitRule, split_srt
 
 DIRECTION_COLUMNS = ("iso3", "n", "spbleu", "chrf", "comet", "wer", "cer")
 LANGUAGE_ORDER = {language.code: position for position, language in enumerate(LANGUAGES)}
@@ -48,6 +56,8 @@ class Hypothesis:
     ref: str | None
     src_ref: str | None
     hyp_transcript: str | None
+    output: str | None = None
+    """The raw model output (SRT: transcript, tags and translation), re-split by the chosen rule."""
 
     @property
     def direction(self) -> str:
@@ -71,6 +81,7 @@ def read_hypotheses(path: str | Path) -> list[Hypothesis]:
                 hypotheses.append(Hypothesis(
                     id=str(record["id"]), src=record["src"], tgt=record.get("tgt"), hyp=record["hyp"] or "",
                     ref=record.get("ref"), src_ref=record.get("src_ref"), hyp_transcript=record.get("hyp_transcript"),
+                    output=record.get("output") if "hyp_transcript" in record else None,
                 ))
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise EvaluationError(f"{path}:{number}: not a translate output line ({error!r})") from None
@@ -176,11 +187,45 @@ def _load_sentence_cache(path: Path) -> dict[str, dict]:
     return cache
 
 
+@dataclass(frozen=True)
+class SplitComparison:
+    """How the two SRT split rules differ on one output file."""
+
+    rule: str
+    """The rule the scores use."""
+    srt_outputs: int
+    translations_differ: int
+    """Outputs whose translation (what spBLEU and COMET score) differs between the rules."""
+    transcripts_differ: int
+    examples: tuple[str, ...] = ()
+
+
+def apply_srt_split(hypotheses: list[Hypothesis], rule: SRTSplitRule) -> SplitComparison:
+    """Re-split every SRT hypothesis' raw output by ``rule`` (in place) and count where the ``first``
+    and ``release`` rules disagree."""
+    srt = [h for h in hypotheses if h.output is not None and h.tgt is not None]
+    translations = transcripts = 0
+    examples = []
+    for h in srt:
+        ours, theirs = split_srt(h.output, h.src, h.tgt, "first"), split_srt(h.output, h.src, h.tgt, "release")
+        translations += ours.translation != theirs.translation
+        transcripts += ours.transcript != theirs.transcript
+        if ours.translation != theirs.translation and len(examples) < 5:
+            examples.append(h.id)
+        chosen = theirs if rule == "release" else ours
+        h.hyp, h.hyp_transcript = chosen.translation, chosen.transcript
+    return SplitComparison(rule, len(srt), translations, transcripts, tuple(examples))
+
+
 def evaluate(hyps_path: str | Path, out_dir: str | Path, comet_model: str | None = None, spm: str | None = None,
-             compare: str | None = None, comet_batch: int = 64) -> list[DirectionScores]:
+             compare: str | None = None, comet_batch: int = 64, srt_split: SRTSplitRule | None = None
+             ) -> list[DirectionScores]:
+    """Score ``hyps_path`` into ``out_dir``. SRT outputs are split by ``srt_split``: ``first`` (ours) by
+    default, ``release`` (the release scorer's rule) when comparing against published scores."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hypotheses = read_hypotheses(hyps_path)
+    split = apply_srt_split(hypotheses, srt_split or ("release" if compare else "first"))
     spbleu = SpBLEU(spm) if spm else None
     sentences_path = out / "sentences.jsonl"
     cache = _load_sentence_cache(sentences_path)
@@ -224,10 +269,12 @@ def evaluate(hyps_path: str | Path, out_dir: str | Path, comet_model: str | None
         for record in sentences.values():
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     write_directions_csv(out / "directions.csv", results)
+    write_release_table(out / "release_table.csv", results)
+    (out / "srt_split.json").write_text(json.dumps(dataclasses.asdict(split), indent=1) + "\n", encoding="utf-8")
     published = read_published(compare) if compare else None
     if published is not None:
         write_comparison(out / "compare.csv", results, published)
-    (out / "summary.md").write_text(summary_markdown(results, published), encoding="utf-8")
+    (out / "summary.md").write_text(summary_markdown(results, published, split), encoding="utf-8")
     metric = next((m for m in ("comet", "spbleu", "chrf") if any(getattr(r, m) is not None for r in results)), None)
     if metric:
         draw_heatmap(results, metric, out / "heatmap.png")
@@ -248,6 +295,17 @@ def write_directions_csv(path: Path, results: list[DirectionScores]) -> None:
         writer.writerow(DIRECTION_COLUMNS)
         for r in results:
             writer.writerow([r.iso3, r.n, _format(r.spbleu), _format(r.chrf), _format(r.comet), _format(r.wer), _format(r.cer)])
+
+
+def write_release_table(path: Path, results: list[DirectionScores]) -> None:
+    """The published CSV's layout (``idx,iso3,spbleu,comet``, directions in alphabetical order, two
+    decimals), so ours and the release's tables line up row for row."""
+    pairs = sorted((r for r in results if "_" in r.iso3), key=lambda r: r.iso3)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("idx", "iso3", "spbleu", "comet"))
+        for idx, r in enumerate(pairs, start=1):
+            writer.writerow([idx, r.iso3, _format(r.spbleu), _format(r.comet)])
 
 
 def read_published(path: str | Path) -> dict[str, dict[str, float]]:
@@ -297,9 +355,15 @@ def _group_averages(results: list[DirectionScores], metrics: Sequence[str]) -> d
             for name, group in groups.items()}
 
 
-def summary_markdown(results: list[DirectionScores], published: dict[str, dict[str, float]] | None = None) -> str:
+def summary_markdown(results: list[DirectionScores], published: dict[str, dict[str, float]] | None = None,
+                     split: SplitComparison | None = None) -> str:
     metrics = [m for m in ("spbleu", "chrf", "comet") if any(getattr(r, m) is not None for r in results)]
     lines = ["# Evaluation summary", ""]
+    if split is not None and split.srt_outputs:
+        lines += [f"SRT outputs split by the `{split.rule}` rule. The two rules (`first`: the first piece after the "
+                  "first tag run; `release`: the text after the last `|>`, as the release's scorer) give a different "
+                  f"translation for {split.translations_differ} of {split.srt_outputs} outputs and a different "
+                  f"transcript for {split.transcripts_differ}.", ""]
     pairs = [r for r in results if "_" in r.iso3]
     if pairs and metrics:
         languages = sorted({code for r in pairs for code in r.iso3.split("_")}, key=lambda c: LANGUAGE_ORDER.get(c, 999))

@@ -15,7 +15,9 @@ the transcript for ASR), ``hyp_transcript`` (SRT), ``ref`` and ``src_ref`` (refe
 and transcript), written as batches finish and rewritten in input order at the end. Re-running skips
 the ids already in the output (and in the per-rank part files of an interrupted run). With several
 processes (``torchrun``/``deepspeed`` set RANK and WORLD_SIZE) each takes every WORLD_SIZE-th
-utterance; rank 0 merges. A summary (counts, malformed SRT outputs, skipped audio, encoder calls,
+utterance; rank 0 merges. Audio longer than the encoder's window is trimmed to it, as the release
+does, so an evaluation scores every utterance (``long_audio="skip"`` skips it instead); both are
+counted. A summary (counts, malformed SRT outputs, skipped audio, encoder calls,
 decode steps, timing) goes next to the output as ``<out>.summary.json``.
 """
 
@@ -35,7 +37,7 @@ import torch
 
 from mcat_ds.batching import collate_examples, tokenize_example
 from mcat_ds.config import Task
-from mcat_ds.data.audio import AudioError, FeatureWindow, LogMelSpectrogram, decode_audio, feature_frames, pad_waveforms
+from mcat_ds.data.audio import SAMPLE_RATE, AudioError, FeatureWindow, LogMelSpectrogram, decode_audio, feature_frames, pad_waveforms
 from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, load_index
 from mcat_ds.languages import get_language
 from mcat_ds.model.attention import use_decoding_attention
@@ -58,6 +60,9 @@ class TranslateConfig:
     max_new_tokens: int = 256
     no_repeat_ngram_size: int = 0
     decoder: Decoder = "fast"
+    long_audio: Literal["trim", "skip"] = "trim"
+    """Audio longer than the encoder's window: ``trim`` to the window (what the release does, so an
+    evaluation scores every utterance) or ``skip``. Either way it is counted in the summary."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,11 @@ class TranslateSummary:
     encoder_calls: int = 0
     """Encoder forward calls over all utterances (batched): utterances_encoded / encoder batch."""
     skipped_audio: dict[str, str] = field(default_factory=dict)
+    """Utterances not translated (unreadable audio, or too long with ``long_audio=skip``): id -> why."""
+    trimmed_audio: dict[str, float] = field(default_factory=dict)
+    """Utterances longer than the window, translated from their first window: id -> seconds."""
+    long_audio_skipped: dict[str, float] = field(default_factory=dict)
+    """Utterances longer than the window and skipped (``long_audio=skip``): id -> seconds."""
     srt_malformed: int = 0
     decode_steps: int = 0
     token_rows: int = 0
@@ -312,7 +322,12 @@ def translate(model: MCATModel, tokenizer, data_dir: str | Path, out: str | Path
                     metas[index] = json.loads(reader.read(entry.shard, entry.meta))
                     samples = decode_audio(reader.read(entry.shard, entry.audio))
                     if samples.size > window.samples:
-                        raise AudioError(f"{samples.size / 16000:.2f} s is longer than the {window.seconds:g} s window")
+                        seconds = round(samples.size / SAMPLE_RATE, 3)
+                        if config.long_audio == "skip":
+                            summary.long_audio_skipped[entry.key] = seconds
+                            raise AudioError(f"{seconds:.2f} s is longer than the {window.seconds:g} s window")
+                        summary.trimmed_audio[entry.key] = seconds
+                        samples = samples[:window.samples]
                 except (DataError, AudioError, json.JSONDecodeError, OSError) as error:
                     summary.skipped_audio[entry.key] = f"{entry.shard}: {error}"
                     continue

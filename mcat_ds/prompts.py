@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from mcat_ds.config import Task
 from mcat_ds.languages import get_language
@@ -95,3 +96,28 @@ def split_srt_output(text: str, src: str | None = None, tgt: str | None = None) 
         and cleaned == text
     )
     return SRTOutput(transcript, translation, well_formed)
+
+
+SRTSplitRule = Literal["first", "release"]
+
+
+def split_srt_output_release(text: str, src: str, tgt: str) -> SRTOutput:
+    """The release's scorer (``evaluation/test_metric_n.py``): split on the prompt's own tag pair;
+    exactly one occurrence gives (transcript, translation), anything else takes the whole text as the
+    transcript and the text after the last ``|>`` as the translation."""
+    pair = tag(src) + tag(tgt)
+    pieces = text.split(pair)
+    if len(pieces) == 2:
+        transcript, translation = pieces[0].strip(), pieces[1].strip()
+        return SRTOutput(transcript, translation, well_formed=bool(transcript) and bool(translation))
+    return SRTOutput(text.strip(), text.split("|>")[-1].strip(), well_formed=False)
+
+
+def split_srt(text: str, src: str, tgt: str, rule: SRTSplitRule = "first") -> SRTOutput:
+    """``first``: :func:`split_srt_output` (the first piece after the first tag run); ``release``:
+    :func:`split_srt_output_release` (the text after the last ``|>``)."""
+    if rule == "release":
+        return split_srt_output_release(text, src, tgt)
+    if rule == "first":
+        return split_srt_output(text, src, tgt)
+    raise ValueError(f"unknown SRT split rule {rule!r}; rules are first, release")

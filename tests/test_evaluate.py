@@ -149,3 +149,40 @@ def test_comet_through_unbabel_comet_and_sentence_scores_reused(corpus, tmp_path
     assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out), "--spm", str(corpus["spm"])]) == 0
     again = {row["iso3"]: row for row in read_csv(out / "directions.csv")}
     assert again["deu_cmn"]["comet"] == rows["deu_cmn"]["comet"] and again["deu_cmn"]["spbleu"]
+
+
+def test_compare_scores_srt_outputs_by_the_release_rule_and_counts_where_the_rules_differ(corpus, tmp_path):
+    records = [dict(r) for r in corpus["records"]]
+    looped = [r for r in records if r["src"] == "eng" and r["tgt"] == "deu"]
+    for record in records:
+        pair = f"<|{record['src']}|><|{record['tgt']}|>"
+        record["output"] = record["hyp_transcript"] + pair + record["hyp"]
+    for record in looped:  # a decoding loop: the rules take different pieces
+        record["output"] = record["hyp_transcript"] + "<|eng|><|deu|>" + record["hyp"] + "<|eng|><|deu|>" + "nein nein"
+    hyps = tmp_path / "hyps.jsonl"
+    hyps.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    published = tmp_path / "published.csv"
+    published.write_text("idx,iso3,spbleu,comet\n1,eng_deu,10.0,80.0\n")
+
+    def chrf(out):
+        return {row["iso3"]: float(row["chrf"]) for row in read_csv(out / "directions.csv")}
+
+    assert main(["evaluate", "--hyps", str(hyps), "--out", str(tmp_path / "ours")]) == 0
+    assert main(["evaluate", "--hyps", str(hyps), "--out", str(tmp_path / "release"), "--compare", str(published)]) == 0
+    ours, release = chrf(tmp_path / "ours"), chrf(tmp_path / "release")
+    hyp_refs = [(r["hyp"], r["ref"]) for r in looped]
+    assert ours["eng_deu"] == pytest.approx(sacrebleu.corpus_chrf([h for h, _ in hyp_refs], [[r for _, r in hyp_refs]],
+                                                                  word_order=2).score, abs=0.01)
+    assert release["eng_deu"] == pytest.approx(sacrebleu.corpus_chrf(["nein nein"] * len(looped), [[r for _, r in hyp_refs]],
+                                                                     word_order=2).score, abs=0.01)
+    assert {k: v for k, v in ours.items() if k != "eng_deu"} == {k: v for k, v in release.items() if k != "eng_deu"}
+    split = json.loads((tmp_path / "release" / "srt_split.json").read_text())
+    assert (split["rule"], split["srt_outputs"], split["translations_differ"]) == ("release", len(records), len(looped))
+    assert f"different translation for {len(looped)} of {len(records)} outputs" in (tmp_path / "release" / "summary.md").read_text()
+    assert main(["evaluate", "--hyps", str(hyps), "--out", str(tmp_path / "forced"), "--compare", str(published),
+                 "--srt-split", "first"]) == 0
+    assert chrf(tmp_path / "forced") == ours
+    table = read_csv(tmp_path / "release" / "release_table.csv")
+    assert list(table[0]) == ["idx", "iso3", "spbleu", "comet"]
+    assert [row["iso3"] for row in table] == sorted(row["iso3"] for row in table)
+    assert [row["idx"] for row in table] == [str(i) for i in range(1, len(table) + 1)]

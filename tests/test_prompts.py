@@ -4,7 +4,7 @@ import transformers
 from conftest import SENTENCES
 from mcat_ds.build import add_language_tags
 from mcat_ds.languages import LANGUAGES
-from mcat_ds.prompts import build_prompt, build_target, split_srt_output
+from mcat_ds.prompts import build_prompt, build_target, split_srt, split_srt_output, split_srt_output_release
 from mcat_ds.tiny import train_tokenizer
 
 
@@ -51,6 +51,28 @@ def test_missing_parts_are_errors():
 def test_split_srt_output(text, transcript, translation, well_formed):
     out = split_srt_output(text, "eng", "deu")
     assert (out.transcript, out.translation, out.well_formed) == (transcript, translation, well_formed)
+
+
+@pytest.mark.parametrize(
+    "text, release, first",
+    [
+        ("A<|eng|><|deu|>B<|eng|><|deu|>C", ("A<|eng|><|deu|>B<|eng|><|deu|>C", "C"), ("A", "B")),  # the issue's case
+        ("Hello.<|eng|><|deu|>Hallo.", ("Hello.", "Hallo."), ("Hello.", "Hallo.")),
+        ("Hallo.", ("Hallo.", "Hallo."), ("Hallo.", "Hallo.")),  # no tags: both rules take the text
+        ("Hello.<|eng|><|fra|>Bonjour.", ("Hello.<|eng|><|fra|>Bonjour.", "Bonjour."), ("Hello.", "Bonjour.")),
+        ("Hello.<|eng|><|deu|>Hallo.<|de", ("Hello.", "Hallo.<|de"), ("Hello.", "Hallo.")),  # cut-off tag
+        ("Hello.<|eng|><|deu|><|eng|><|deu|>Hallo.", ("Hello.<|eng|><|deu|><|eng|><|deu|>Hallo.", "Hallo."),
+         ("Hello.", "Hallo.")),
+    ],
+)
+def test_release_split_rule_takes_the_text_after_the_last_tag(text, release, first):
+    """The release's scorer (evaluation/test_metric_n.py): split on the prompt's pair, else after the last |>."""
+    out = split_srt_output_release(text, "eng", "deu")
+    assert (out.transcript, out.translation) == release
+    assert (split_srt(text, "eng", "deu", "release").translation, split_srt(text, "eng", "deu").translation) == (release[1], first[1])
+    assert split_srt(text, "eng", "deu", "first").transcript == first[0]
+    with pytest.raises(ValueError, match="rules are first, release"):
+        split_srt(text, "eng", "deu", "last")
 
 
 def test_split_without_known_languages_accepts_any_pair():

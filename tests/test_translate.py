@@ -123,3 +123,93 @@ def test_translate_two_ranks_merge_in_input_order(tiny_checkpoint, small_shards,
     assert main(["translate", "--checkpoint", str(tiny_checkpoint), "--data", str(small_shards), "--out", str(single),
                  "--task", "asr", "--batch", "4", "--max-new-tokens", "4"]) == 0
     assert [(r["id"], r["output"]) for r in read_jsonl(out)] == [(r["id"], r["output"]) for r in read_jsonl(single)]
+
+
+def test_translate_checks_its_arguments_before_loading_weights(tiny_checkpoint, small_shards, tmp_path, capsys):
+    # the base LLM "moved": a model load would fail, so each error below comes from the checks before it
+    moved = ["--llm-checkpoint", str(tmp_path / "moved")]
+    base = ["translate", "--checkpoint", str(tiny_checkpoint), *moved]
+    cases = [
+        (["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "h.jsonl")], "no such shard directory or manifest"),
+        (["--data", str(small_shards), "--out", str(tmp_path / "no" / "h.jsonl")], "does not exist"),
+        (["--data", str(small_shards), "--out", str(tmp_path)], "is a directory"),
+        (["--data", str(small_shards), "--out", str(tmp_path / "h.jsonl"), "--directions", "deu-xyz"],
+         "unknown language code 'xyz'"),
+        (["--data", str(small_shards), "--out", str(tmp_path / "h.jsonl"), "--directions", "khm-x"], "no srt requests"),
+        (["--data", str(tmp_path), "--out", str(tmp_path / "h.jsonl")], "holds no index.jsonl"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+    assert main([*base, "--data", str(small_shards), "--out", str(tmp_path / "h.jsonl")]) == 2
+    assert "LLM checkpoint directory" in capsys.readouterr().err  # the checks passed; the load is what fails
+
+
+def test_the_checkpoint_generation_settings_reach_translate(tiny_checkpoint, small_shards, tmp_path, capsys):
+    import shutil
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    metadata = json.loads((checkpoint / "mcat_config.json").read_text())
+    metadata["config"]["generation"] = {"beams": 1, "max_new_tokens": 40, "no_repeat_ngram_size": 2}
+    (checkpoint / "mcat_config.json").write_text(json.dumps(metadata))
+
+    def outputs(name, *flags):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["translate", "--checkpoint", str(checkpoint), "--data", str(small_shards), "--out", str(out),
+                     "--task", "asr", "--directions", "eng-x,deu-x", *flags]) == 0
+        return [r["output"] for r in read_jsonl(out)]
+
+    stored = outputs("stored")
+    assert "max_new_tokens=40, no_repeat_ngram_size=2" in capsys.readouterr().out
+    assert stored == outputs("explicit", "--max-new-tokens", "40", "--no-repeat-ngram-size", "2")
+    assert stored != outputs("plain", "--no-repeat-ngram-size", "0")  # a random model repeats itself
+
+
+def write_fleurs_16k(root, seconds_by_id, window_samples=None):
+    """A two-language FLEURS-style folder of 16 kHz 16-bit noise; ``window_samples`` trims every file."""
+    import numpy as np
+    import soundfile
+
+    from mcat_ds.languages import get_language
+
+    for number, code in enumerate(("eng", "deu")):
+        folder = root / get_language(code).fleurs
+        (folder / "audio" / "test").mkdir(parents=True)
+        rows = []
+        for sentence, seconds in seconds_by_id.items():
+            samples = (0.1 * np.random.default_rng(10 * number + sentence).standard_normal(int(seconds * 16000)))
+            samples = samples[:window_samples] if window_samples else samples
+            soundfile.write(folder / "audio" / "test" / f"{sentence}.wav", samples.astype("float32"), 16000, subtype="PCM_16")
+            rows.append("\t".join([str(sentence), f"{sentence}.wav", f"{code} {sentence}", f"{code} {sentence}", "x", "0", "MALE"]))
+        (folder / "test.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return root
+
+
+def test_long_audio_is_trimmed_to_the_window_and_counted_or_skipped(tiny_checkpoint, tmp_path):
+    from mcat_ds.data.prepare import prepare_shards
+    from mcat_ds.data.sources import read_fleurs
+
+    window = 5 * 16000  # the tiny Whisper's 500 mel frames
+    prepare_shards(read_fleurs(write_fleurs_16k(tmp_path / "long", {0: 7.5, 1: 2.0}), "test"), tmp_path / "long_shards",
+                   max_seconds=float("inf"), workers=1)
+    prepare_shards(read_fleurs(write_fleurs_16k(tmp_path / "cut", {0: 7.5, 1: 2.0}, window), "test"),
+                   tmp_path / "cut_shards", max_seconds=float("inf"), workers=1)
+    common = ["translate", "--checkpoint", str(tiny_checkpoint), "--task", "srt", "--max-new-tokens", "6"]
+
+    def run(name, data, *flags):
+        out = tmp_path / f"{name}.jsonl"
+        assert main([*common, "--data", str(tmp_path / data), "--out", str(out), *flags]) == 0
+        return read_jsonl(out), json.loads((tmp_path / f"{name}.jsonl.summary.json").read_text())
+
+    trimmed, summary = run("trimmed", "long_shards")
+    long_keys = {key for key, entry in ((e.key, e) for e in load_index(tmp_path / "long_shards")) if entry.seconds > 5}
+    assert len(long_keys) == 2 and set(summary["trimmed_audio"]) == long_keys
+    assert all(seconds == 7.5 for seconds in summary["trimmed_audio"].values())
+    assert len(trimmed) == 4 and not summary["skipped_audio"]  # every utterance scored
+    cut, _ = run("cut", "cut_shards")
+    assert [r["output"] for r in trimmed] == [r["output"] for r in cut]  # = decoding the first window
+
+    skipped, summary = run("skipped", "long_shards", "--long-audio", "skip")
+    assert set(summary["long_audio_skipped"]) == long_keys and set(summary["skipped_audio"]) == long_keys
+    assert len(skipped) == 2 and not summary["trimmed_audio"]
