@@ -136,6 +136,36 @@ def read_checkpoint_config(directory: str | Path) -> MCATConfig:
     return from_dict(MCATConfig, read_checkpoint_metadata(directory)["config"], where=f"{directory}/{CONFIG_FILE}: ")
 
 
+# The model settings a checkpoint's weights were trained under: their shapes, and how they are read
+# (tags as tokens or text, the speech scale, the encoder mask). A run that starts from a checkpoint
+# (--init-from) takes these from it; the rest (kernels, attention, dtypes, base paths) stay the run's.
+TRAINED_MODEL_SETTINGS = (
+    "adapter.num_queries", "adapter.hidden_size", "adapter.num_layers", "adapter.num_heads",
+    "adapter.intermediate_size", "adapter.cross_attention_every", "adapter.pool_stride", "adapter.mlp_hidden_size",
+    "adapter.dropout", "adapter.attention_dropout", "adapter.layer_norm_eps", "adapter.output_norm_eps",
+    "adapter.mask_padding_frames",
+    "llm.language_tags", "llm.train_embeddings", "llm.speech_scale",
+    "lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules",
+)
+
+
+def adopt_trained_settings(config: MCATConfig, checkpoint: MCATConfig) -> list[str]:
+    """Set ``config``'s :data:`TRAINED_MODEL_SETTINGS` and generation settings to the checkpoint's;
+    returns ``key=value (was ...)`` for each one that changed."""
+    changed = []
+    pairs = [(f"model.{key}", config.model, checkpoint.model, key) for key in TRAINED_MODEL_SETTINGS]
+    pairs += [(f"generation.{f}", config, checkpoint, f"generation.{f}") for f in ("beams", "max_new_tokens", "no_repeat_ngram_size")]
+    for name, ours, theirs, key in pairs:
+        *parents, leaf = key.split(".")
+        for part in parents:
+            ours, theirs = getattr(ours, part), getattr(theirs, part)
+        before, after = getattr(ours, leaf), getattr(theirs, leaf)
+        if before != after:
+            setattr(ours, leaf, after)
+            changed.append(f"{name}={after} (was {before})")
+    return changed
+
+
 def _check_shapes(file: Path, expected: dict[str, torch.Size], what: str) -> None:
     with safe_open(str(file), framework="pt") as handle:
         stored = {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}

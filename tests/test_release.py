@@ -7,10 +7,8 @@ import math
 
 import pytest
 import torch
-import transformers
-from peft import LoraConfig, get_peft_model
 
-from blip2_reference import ReleaseQFormerPoolAdapter, randomize
+from blip2_reference import ReleaseQFormerPoolAdapter, randomize, release_llm, release_model_pt
 from conftest import random_features
 from mcat_ds.batching import collate_examples, tokenize_example
 from mcat_ds.build import inputs_embeds_scale
@@ -18,32 +16,6 @@ from mcat_ds.checkpoint import load_checkpoint, read_checkpoint_config
 from mcat_ds.cli import main
 from mcat_ds.presets import get_preset
 from mcat_ds.release import ReleaseCheckpointError, release_lora_state
-
-RELEASE_LORA = dict(r=8, lora_alpha=24, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
-
-
-def release_llm(directory, multimodal: bool):
-    """The release's LLM: loaded as its class (Gemma3ForConditionalGeneration for gemma-3-27b-it),
-    LoRA through peft on q_proj/v_proj, random B matrices so that LoRA changes the output."""
-    model_class = transformers.Gemma3ForConditionalGeneration if multimodal else transformers.AutoModelForCausalLM
-    llm = get_peft_model(model_class.from_pretrained(directory, dtype=torch.float32),
-                         LoraConfig(task_type="CAUSAL_LM", **RELEASE_LORA))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, parameter in llm.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return llm.eval()
-
-
-def release_model_pt(adapter, llm, path):
-    """The release's save (save_model_checkpoint_peft): every parameter that requires grad, named as
-    in its model (``encoder_projector.*``, ``llm.*`` with peft's ``.default.``)."""
-    state = {f"encoder_projector.{name}": p.detach().clone() for name, p in adapter.named_parameters()}
-    state.update({f"llm.{name}": p.detach().clone() for name, p in llm.named_parameters() if p.requires_grad})
-    torch.save(state, path)
-    return state
-
 
 def release_embeddings(llm, input_ids, speech_mask, speech, model_type):
     """What the release hands its LLM as inputs_embeds (slam_model_st.py), expressed as what reaches

@@ -156,3 +156,35 @@ def test_an_srt_stage_below_its_tag_gate_stops_with_its_state_saved(uninterrupte
     assert accepted.returncode == 0, accepted.stderr[-4000:]
     assert (tmp_path / "srt" / "final" / "mcat_config.json").is_file()
     assert [m["step"] for m in read_metrics(tmp_path / "srt" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_training_continues_from_an_imported_release_checkpoint(tiny_dirs, small_shards, tmp_path):
+    """--init-from an imported release checkpoint: the run takes the release's model settings from it
+    and starts from its weights (lr 0: the stage's final weights are the imported ones)."""
+    import torch
+
+    from blip2_reference import ReleaseQFormerPoolAdapter, randomize, release_llm, release_model_pt
+    from mcat_ds.checkpoint import read_checkpoint_config
+    from mcat_ds.cli import main
+    from mcat_ds.presets import get_preset
+
+    llm = release_llm(tiny_dirs["gemma2"], multimodal=False)
+    adapter = ReleaseQFormerPoolAdapter(get_preset("tiny").model.adapter, 64, 128)
+    randomize(adapter, seed=3)
+    release_model_pt(adapter, llm, tmp_path / "model.pt")
+    bases = ["--set", f"model.encoder.checkpoint={tiny_dirs['whisper']}", "--set", f"model.llm.checkpoint={tiny_dirs['gemma2']}"]
+    assert main(["import-release", "--preset", "tiny", "--model-pt", str(tmp_path / "model.pt"),
+                 "--out", str(tmp_path / "imported"), "--lora-alpha", "24", *bases]) == 0
+
+    result = run(train(tmp_path / "run", small_shards, "--init-from", str(tmp_path / "imported"), *bases,
+                       "--set", "optim.lr=0", stage="smt", steps=2))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "model.llm.language_tags=text (was special)" in result.stderr and "model.lora.alpha=24" in result.stderr
+    final = tmp_path / "run" / "smt" / "final"
+    config = read_checkpoint_config(final)
+    assert (config.model.llm.language_tags, config.model.lora.rank, config.model.lora.alpha) == ("text", 8, 24)
+    assert config.generation.no_repeat_ngram_size == 5
+    for name in ("adapter.safetensors", "lora/adapter_model.safetensors"):
+        imported, trained = load_file(tmp_path / "imported" / name), load_file(final / name)
+        assert imported.keys() == trained.keys()
+        assert all(torch.equal(imported[key], trained[key]) for key in imported), name

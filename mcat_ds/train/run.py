@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from mcat_ds.checkpoint import adopt_trained_settings, read_checkpoint_config
 from mcat_ds.config import ConfigError, MCATConfig
 from mcat_ds.curriculum import stage_names
 from mcat_ds.data.demo import build_demo_data
@@ -105,8 +106,16 @@ def stage_config(args: argparse.Namespace, stage: str) -> MCATConfig:
 def run(args: argparse.Namespace, placement: Placement) -> int:
     run_dir = Path(args.run_dir)
     stages = stage_names(get_preset(args.preset)) if args.stage == "all" else (args.stage,)
+    # A run from another checkpoint (e.g. one imported from the release) trains the model it holds:
+    # every stage of the run takes its trained settings, since each starts from the one before.
+    start_config = read_checkpoint_config(args.init_from) if args.init_from else None
     for index, stage in enumerate(stages):
         config = complete_run_config(stage_config(args, stage), run_dir, placement)
+        if start_config is not None:
+            adopted = adopt_trained_settings(config, start_config)
+            if adopted and index == 0 and placement.leader:
+                print(f"--init-from {args.init_from}: the model's trained settings come from the checkpoint: "
+                      + ", ".join(adopted), file=sys.stderr)
         init_from = Path(args.init_from) if args.init_from and index == 0 else None
         code = run_stage(config, run_dir, placement, init_from=init_from)
         if code != 0:
