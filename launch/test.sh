@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite as CI runs it (.ci/run is this script): on a machine with Python and apt, installs
-# espeak-ng (the demo corpus's voices) and slurm-wlm + munge (a real SLURM for the SLURM tests), the
+# espeak-ng (the demo corpus's voices), slurm-wlm + munge (a real SLURM for the SLURM tests) and iproute2
+# (its multi-node cluster of network namespaces), the
 # package into .venv (transformers 4.57, what unbabel-comet pins) and .venv-tf5 (transformers 5.x),
 # both from the pinned versions in constraints/, then runs the suite in each: all of it on 4.57; on
 # 5.x the units and the main job (the other multi-minute launches are not repeated).
@@ -9,7 +10,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 
-apt_install espeak-ng:espeak-ng slurmctld:slurm-wlm munged:munge
+apt_install espeak-ng:espeak-ng slurmctld:slurm-wlm munged:munge ip:iproute2
 pinned_venv "$REPO/.venv" "$REPO/constraints/transformers4.txt" "${MAIN_VENV_STEPS[@]}"
 pinned_venv "$REPO/.venv-tf5" "$REPO/constraints/transformers5.txt" "${TF5_VENV_STEPS[@]}"
 cd "$REPO"

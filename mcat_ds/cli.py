@@ -136,9 +136,10 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(args.run_dir, args.ranks, extra, seed=args.seed)
 
 
-def _translate_data(args: argparse.Namespace):
+def _translate_data(args: argparse.Namespace, prepare: bool = True):
     """The prepared shard directory to read: ``--data`` itself, or a manifest sharded once next to the
-    output. Checked before any weights load, so a typo costs seconds, not a 27B model load."""
+    output (by the process given ``prepare``). Checked before any weights load, so a typo costs
+    seconds, not a 27B model load."""
     from pathlib import Path
 
     from mcat_ds.data.shards import INDEX_FILE
@@ -154,13 +155,13 @@ def _translate_data(args: argparse.Namespace):
         return data
     if not data.is_file():
         raise ValueError(f"--data {data}: no such shard directory or manifest")
+    if not args.audio_root:
+        raise ValueError("a manifest needs --audio-root (the directory its audio paths are relative to)")
     shards = out.with_name(out.name + ".shards")
-    if not (shards / INDEX_FILE).is_file():
+    if prepare and not (shards / INDEX_FILE).is_file():
         from mcat_ds.data.prepare import prepare_shards
         from mcat_ds.data.sources import read_manifest
 
-        if not args.audio_root:
-            raise ValueError("a manifest needs --audio-root (the directory its audio paths are relative to)")
         # Long audio is kept here (and trimmed or skipped by translate), so every test utterance is counted.
         prepare_shards(read_manifest(data, Path(args.audio_root)), shards, max_seconds=float("inf"))
     return shards
@@ -185,17 +186,25 @@ def translate(args: argparse.Namespace) -> int:
                               else args.no_repeat_ngram_size),
         decoder=args.decoder, long_audio=args.long_audio,
     )
-    data = _translate_data(args)
-    if not plan_requests(load_index(data), config):
-        raise ValueError(f"no {args.task} requests in {data} for --directions {args.directions}")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    from mcat_ds.rendezvous import prepare_rendezvous, rendezvous_environment
+
+    world = {**os.environ, **rendezvous_environment(dict(os.environ))}
+    rank, world_size = int(world["RANK"]), int(world["WORLD_SIZE"])
+    _translate_data(args, prepare=False)  # every rank checks the arguments before anyone waits
     barrier = None
-    if world_size > 1:
+    if world_size > 1:  # torchrun, deepspeed or srun (launch/slurm/translate.sbatch): one process per GPU
         import torch.distributed as dist
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        chosen = prepare_rendezvous(os.environ)
+        if rank == 0:
+            print(f"mcat translate: {chosen}", file=sys.stderr, flush=True)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         barrier = dist.barrier
+    data = _translate_data(args, prepare=rank == 0)
+    if barrier is not None:
+        barrier()  # rank 0 has sharded a manifest
+    if not plan_requests(load_index(data), config):
+        raise ValueError(f"no {args.task} requests in {data} for --directions {args.directions}")
     if rank == 0:
         print(f"mcat translate: decoding with beams={config.beams}, max_new_tokens={config.max_new_tokens}, "
               f"no_repeat_ngram_size={config.no_repeat_ngram_size} (the checkpoint's generation settings "

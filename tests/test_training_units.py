@@ -106,6 +106,33 @@ def test_rendezvous_from_slurm_or_defaults():
         rendezvous_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
 
 
+def test_a_rendezvous_that_would_hang_fails_at_once_or_within_its_timeout():
+    import time
+
+    from mcat_ds.rendezvous import RendezvousError, check_rendezvous, choose_socket_interface, free_port, interface_of
+
+    port = str(free_port())
+    with pytest.raises(RendezvousError, match=r"no-such-node.invalid:\d+ .* does not resolve"):
+        check_rendezvous({"MASTER_ADDR": "no-such-node.invalid", "MASTER_PORT": port, "RANK": "1", "WORLD_SIZE": "2"})
+    with pytest.raises(RendezvousError, match="192.0.2.1, which is not an address of this host"):
+        check_rendezvous({"MASTER_ADDR": "192.0.2.1", "MASTER_PORT": port, "RANK": "0", "WORLD_SIZE": "2"})
+    started = time.monotonic()
+    with pytest.raises(RendezvousError, match=rf"rank 1 .* could not reach the rendezvous at 127.0.0.1:{port} .* within 1 s"):
+        check_rendezvous({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": "1", "WORLD_SIZE": "2",
+                          "MCAT_RENDEZVOUS_TIMEOUT": "1"})
+    assert time.monotonic() - started < 10
+    stops = iter([False, True])
+    with pytest.raises(RendezvousError, match="stopped by a signal"):
+        check_rendezvous({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": "1", "WORLD_SIZE": "2"},
+                         should_stop=lambda: next(stops))
+    assert check_rendezvous({"MASTER_ADDR": "localhost", "MASTER_PORT": port, "RANK": "0", "WORLD_SIZE": "2"}) == "127.0.0.1"
+    assert interface_of("127.0.0.1") == "lo"
+    environ = {}
+    assert choose_socket_interface("127.0.0.1", environ) is None and environ == {}  # one node: nothing to choose
+    environ = {"GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "ib0"}
+    assert choose_socket_interface("10.0.0.1", environ) is None and environ["GLOO_SOCKET_IFNAME"] == "ib0"  # the user's
+
+
 def test_stage_paths():
     paths = stage_paths("/runs/x", "srt")
     assert paths.final.as_posix() == "/runs/x/srt/final" and paths.checkpoints.as_posix() == "/runs/x/srt/checkpoints"

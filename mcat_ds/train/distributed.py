@@ -4,44 +4,23 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-import socket
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
+from mcat_ds.rendezvous import free_port, prepare_rendezvous, rendezvous_environment  # noqa: F401 (re-exported)
+from mcat_ds.train.preemption import signal_received
 from mcat_ds.train.stage import Placement
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def rendezvous_environment(environ: dict[str, str]) -> dict[str, str]:
-    """The torch.distributed variables to add: from SLURM's when srun started the process, defaults
-    for a single process, nothing when a launcher already set them."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return {}
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        added = {
-            "RANK": environ["SLURM_PROCID"],
-            "WORLD_SIZE": environ["SLURM_NTASKS"],
-            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-            "LOCAL_WORLD_SIZE": environ.get("SLURM_NTASKS_PER_NODE", environ.get("SLURM_NTASKS", "1")).split("(")[0],
-        }
-        if "MASTER_ADDR" not in environ:
-            raise RuntimeError("under srun, MASTER_ADDR and MASTER_PORT must be exported (launch/slurm/train.sbatch does)")
-        return added
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-            "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
-            "MASTER_PORT": environ.get("MASTER_PORT", str(free_port()))}
-
-
 def setup_distributed() -> Placement:
-    os.environ.update(rendezvous_environment(dict(os.environ)))
+    """Join the job's process group (checked first: ``mcat_ds.rendezvous``)."""
+    chosen = prepare_rendezvous(os.environ, should_stop=signal_received)
+    if os.environ["RANK"] == "0":
+        print(f"mcat: {chosen}", file=sys.stderr, flush=True)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

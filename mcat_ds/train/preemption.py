@@ -23,6 +23,11 @@ def install_handlers() -> None:
         signal.signal(signum, _remember)
 
 
+def signal_received() -> bool:
+    """This process got a stop signal (local; no collective)."""
+    return _received
+
+
 def stop_requested() -> bool:
     """True on every rank as soon as any rank got a signal (collective: call it on all ranks)."""
     flag = torch.tensor([1 if _received else 0])

@@ -25,6 +25,7 @@ from mcat_ds.curriculum import stage_names
 from mcat_ds.data.demo import build_demo_data
 from mcat_ds.data.shards import ShardReader, load_index
 from mcat_ds.presets import get_preset, resolve_config
+from mcat_ds.rendezvous import RendezvousError
 from mcat_ds.tiny import write_tiny_llm, write_tiny_whisper
 from mcat_ds.train.distributed import remove_shared_memory_buffers, setup_distributed
 from mcat_ds.train.preemption import PREEMPTED_EXIT_CODE, install_handlers
@@ -135,7 +136,11 @@ def _leave_preemption_marker(placement: Placement) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_handlers()
-    placement = setup_distributed()
+    try:
+        placement = setup_distributed()
+    except RendezvousError as error:
+        print(f"rank {os.environ.get('RANK', '?')}: error: {error}", file=sys.stderr)
+        return 2
     try:
         code = run(args, placement)
         if code == PREEMPTED_EXIT_CODE:
