@@ -27,10 +27,11 @@ mcat_rendezvous() {
     export MASTER_ADDR MASTER_PORT MCAT_RENDEZVOUS_TIMEOUT
 }
 
-# After a failed step: true when a node of the job cannot run a step any more (a dead node cannot).
+# After a failed step: true when a node of the job cannot run a step within MCAT_NODE_PROBE_TIMEOUT
+# seconds (30) any more (a dead node cannot).
 mcat_lost_a_node() {
     (( ${SLURM_JOB_NUM_NODES:-1} > 1 )) || return 1
-    timeout 30 srun --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" true >/dev/null 2>&1 && return 1
+    timeout "${MCAT_NODE_PROBE_TIMEOUT:-30}" srun --ntasks-per-node=1 --ntasks="$SLURM_JOB_NUM_NODES" true >/dev/null 2>&1 && return 1
     return 0
 }
 
