@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from mcat_ds.benchmarking import read_rows
+from mcat_ds.bench.harness import read_rows
 
 
 def run_script(name: str, *args: str) -> str:

@@ -20,7 +20,7 @@ from mcat_ds.model.random import random_log_mel, random_mcat_model
 from mcat_ds.presets import get_preset
 from mcat_ds.train.distributed import remove_shared_memory_buffers, setup_distributed
 from mcat_ds.train.engine import deepspeed_config, make_optimizer
-from mcat_ds.train_benchmark import TrainBenchConfig, workload
+from mcat_ds.bench.train import TrainBenchConfig, workload
 
 
 def measure(preset: str = "tiny", engine: str = "zero2_bf16", steps: int = 3, llm_layers: int | None = None) -> dict:

@@ -11,7 +11,7 @@ median of wall-clock repetitions on CPU) so the ratios compare like with like:
   Blip2QFormerModel-based reference, each with FLEURS-like lengths;
 - the work the padding-aware paths skip, counted exactly on the same lengths (device independent).
 
-Each run returns :class:`mcat_ds.benchmarking.Row` s: ``ms`` rows carry the speed-up over the case's
+Each run returns :class:`mcat_ds.bench.harness.Row` s: ``ms`` rows carry the speed-up over the case's
 baseline in ``ratio``; ``GB_per_s`` rows carry the fraction of the device's memory roofline.
 """
 
@@ -23,16 +23,18 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mcat_ds.architectures import llm_config, whisper_config
-from mcat_ds.benchmarking import Row
+from mcat_ds.bench.harness import Row, benchmark_parser, csv_target, device_name, latest_run, plot_times, read_rows, report
 from mcat_ds.config import AdapterConfig
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.blip2_reference import ReleaseQFormerPoolAdapter
 from mcat_ds.model.random import WINDOW_SECONDS, fleurs_like_lengths
+from mcat_ds.presets import get_preset
 from mcat_ds.release import release_adapter_state
 from mcat_kernels.cross_attention import cross_attention_reference, key_padding_mask, qformer_cross_attention
 from mcat_kernels.dispatch import interpreter_active
@@ -300,3 +302,49 @@ def padding_accounting(config: KernelBenchConfig, adapter_config: AdapterConfig,
             2 * 2 * cross_layers * float(lengths.float().mean()) * encoder_width * adapter_config.hidden_size / 1e9),
     ]
     return rows
+
+
+# ---------------------------------------------------------------- the script
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> None:
+    parser = benchmark_parser(description, "kernels.csv")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--batch", type=int, help="cross-attention batch (default 32 on CUDA, 8 on CPU)")
+    parser.add_argument("--adapter-batch", type=int, help="adapter batch (default 32 on CUDA, 4 on CPU)")
+    parser.add_argument("--only", choices=("attention", "adapter", "accounting"), action="append",
+                        help="run only these parts (repeatable)")
+    parser.add_argument("--plot", help="default: the CSV's name with .png")
+    args = parser.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    if args.smoke:
+        config = smoke_config()
+        adapter_config, encoder_width, llm_width = get_preset("tiny").model.adapter, 48, 40
+    else:
+        config = KernelBenchConfig(device=args.device, triton=cuda,
+                                   dtype=torch.bfloat16 if cuda else torch.float32,
+                                   batch=32 if cuda else 8, adapter_batch=32 if cuda else 4)
+        adapter_config, encoder_width, llm_width = small_9b_adapter_shapes()
+    config = replace(config, **{k: v for k, v in {
+        "dtype": DTYPES.get(args.dtype), "batch": args.batch, "adapter_batch": args.adapter_batch}.items() if v is not None})
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    name = device_name()
+    measure = timer(config)
+    parts = args.only or ["attention", "adapter", "accounting"]
+    rows = []
+    if "attention" in parts:
+        rows += bench_cross_attention(config, measure, name)
+    if "adapter" in parts:
+        rows += bench_adapter(config, measure, adapter_config, encoder_width, llm_width)
+    if "accounting" in parts:
+        rows += padding_accounting(config, adapter_config, encoder_width, samples=100 if args.smoke else 10_000)
+    csv_path = csv_target(args, "kernels.csv")
+    report(rows, csv_path)
+    if csv_path:
+        plot_path = args.plot or str(Path(csv_path).with_suffix(".png"))
+        plot_times(latest_run(read_rows(csv_path), name), plot_path, f"{name}, {latest_run(read_rows(csv_path), name)[-1]['date']}")
+        print(f"plot: {plot_path}")

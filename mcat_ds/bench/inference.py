@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mcat_ds.batching import TokenizedExample, collate_examples
-from mcat_ds.benchmarking import Row
+from mcat_ds.bench.harness import Row, benchmark_parser, csv_target, report
 from mcat_ds.inference import DecodeCounters, TranslateConfig, decode_requests
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
 from mcat_ds.model.random import fleurs_like_lengths, random_log_mel, random_mcat_model
@@ -138,3 +138,25 @@ def bench_inference(config: InferenceBenchConfig) -> list[Row]:
     ]
     return rows
 
+
+
+# ---------------------------------------------------------------- the script
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> None:
+    parser = benchmark_parser(description, "inference.csv")
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--preset", default="small-9b" if cuda else "tiny")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32")
+    parser.add_argument("--utterances", type=int, default=1000)
+    parser.add_argument("--targets", type=int, default=1, help="directions per utterance")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    args = parser.parse_args(argv)
+    config = InferenceBenchConfig(
+        preset="tiny" if args.smoke else args.preset, device="cpu" if args.smoke else args.device,
+        dtype=torch.float32 if args.smoke or args.dtype == "fp32" else torch.bfloat16,
+        utterances=12 if args.smoke else args.utterances, targets_per_utterance=3 if args.smoke else args.targets,
+        batch=8 if args.smoke else args.batch, max_new_tokens=6 if args.smoke else args.max_new_tokens)
+    rows = bench_inference(config)
+    report(rows, csv_target(args, "inference.csv"))

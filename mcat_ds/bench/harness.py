@@ -1,7 +1,10 @@
-"""Shared by the benchmark scripts: what ran where, and rows appended to CSVs under benchmarks/."""
+"""The benchmarks' one harness: their shared arguments, what ran where, and rows appended to CSVs
+under benchmarks/. One module per benchmark beside it (kernels, train, inference, data, demo); the
+scripts in launch/ only call their ``main``."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import platform
@@ -14,6 +17,8 @@ import torch
 
 from mcat_ds.checkpoint import code_version
 
+BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+"""Where the rows of record go: the repository's benchmarks/ folder (an editable install)."""
 CSV_COLUMNS = ("device", "date", "commit", "benchmark", "shape", "implementation", "metric", "value", "ratio")
 
 
@@ -144,3 +149,18 @@ def plot_times(rows: list[dict[str, str]], path: str | Path, title: str) -> None
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def benchmark_parser(description: str | None, csv_name: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --device, --csv, --smoke."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--csv", help=f"rows go here (default: benchmarks/{csv_name}; none with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes on CPU in seconds: a check that it runs (what the test suite runs)")
+    return parser
+
+
+def csv_target(args: argparse.Namespace, csv_name: str) -> str | None:
+    """--csv, else the repository's CSV of record, else (--smoke) none."""
+    return args.csv or (None if args.smoke else str(BENCHMARKS_DIR / csv_name))

@@ -31,7 +31,7 @@ import torch
 
 from mcat_ds.architectures import llm_config
 from mcat_ds.batching import TokenizedExample, collate_examples
-from mcat_ds.benchmarking import Row, cpu_peak_memory
+from mcat_ds.bench.harness import Row, benchmark_parser, cpu_peak_memory, csv_target, report
 from mcat_ds.build import count_parameters
 from mcat_ds.config import MCATConfig
 from mcat_ds.model.checkpointing import enable_activation_checkpointing
@@ -217,3 +217,31 @@ def bench_training(config: TrainBenchConfig) -> list[Row]:
                 ratio = value / baseline[metric]
             rows.append(Row("training", shape, name, metric, value, ratio))
     return rows
+
+
+# ---------------------------------------------------------------- the script
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> None:
+    parser = benchmark_parser(description, "train.csv")
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--preset", default="small-9b" if cuda else "tiny")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--llm-layers", type=int, help="only the LLM's first N layers")
+    parser.add_argument("--encoder-layers", type=int, help="only the encoder's first N layers")
+    parser.add_argument("--checkpointing", default="",
+                        help="comma-separated policies (selective, full): extra variants of ours")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also run at half --llm-layers: per-layer time/memory, step at full depth")
+    args = parser.parse_args(argv)
+    config = TrainBenchConfig(
+        preset="tiny" if args.smoke else args.preset, device="cpu" if args.smoke else args.device,
+        dtype=torch.float32 if args.smoke or args.dtype == "fp32" else torch.bfloat16,
+        batch=4 if args.smoke else args.batch, steps=2 if args.smoke else args.steps,
+        warmup_steps=1 if args.smoke else 2, llm_layers=args.llm_layers, encoder_layers=args.encoder_layers,
+        checkpointing=tuple(policy for policy in args.checkpointing.split(",") if policy),
+        per_layer=args.per_layer)
+    rows = bench_training(config)
+    report(rows, csv_target(args, "train.csv"))

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import itertools
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from transformers import WhisperFeatureExtractor
 
-from mcat_ds.benchmarking import Row, rate
+from mcat_ds.bench.harness import Row, append_rows, benchmark_parser, csv_target, rate
+from mcat_ds.build import add_language_tags
 from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram, decode_audio, pad_waveforms
 from mcat_ds.data.loader import Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import ExampleSelection, plan_epoch
+from mcat_ds.data.demo import demo_sentences
 from mcat_ds.data.shards import ShardReader, load_index
+from mcat_ds.tiny import train_tokenizer
 
 FLEURS_LIKE_SECONDS = (3.0, 25.0)
 SMALL_9B_STEP_SAMPLES_PER_S = 30.0
@@ -136,3 +141,39 @@ def summarize(rows: list[Row]) -> str:
         lines.append(f"{row.implementation:<60} {row.value:10.1f} {row.metric}{ratio}")
     return "\n".join(lines)
 
+
+
+# ---------------------------------------------------------------- the script
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> None:
+    parser = benchmark_parser(description, "data.csv")
+    parser.add_argument("--data", help="prepared shards (default: 200 noise utterances of FLEURS-like lengths)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: a small BPE of the demo corpus)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per implementation")
+    args = parser.parse_args(argv)
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    data = Path(args.data) if args.data else write_fleurs_like_shards(scratch, count=20 if args.smoke else 200)
+    if args.tokenizer:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = train_tokenizer([t for s in demo_sentences() for t in s.texts.values()], 2000)
+    add_language_tags(tokenizer)
+    config = DataBenchConfig(
+        data=data,
+        workload=f"shards {data}" if args.data else "FLEURS-like 3-25 s",
+        tokenizer=tokenizer,
+        window=FeatureWindow(80, 500) if args.smoke else FeatureWindow(128, 3000),
+        workers=1 if args.smoke else args.workers,
+        batch_size=2 if args.smoke else args.batch_size,
+        min_seconds=0.2 if args.smoke else args.seconds,
+    )
+    rows = run_data_benchmark(config)
+    print(summarize(rows))
+    csv_path = csv_target(args, "data.csv")
+    if csv_path:
+        append_rows(csv_path, rows)
+        print(f"appended {len(rows)} rows to {csv_path}")
