@@ -44,8 +44,9 @@ class DataBenchConfig:
     min_seconds: float = 3.0
 
 
-def write_fleurs_like_shards(out: Path, count: int = 200, seed: int = 0) -> Path:
-    """Noise utterances with FLEURS-like lengths (uniform 3-25 s), prepared like real data."""
+def write_fleurs_like_shards(out: Path, count: int = 200, seed: int = 0,
+                             seconds_range: tuple[float, float] = FLEURS_LIKE_SECONDS) -> Path:
+    """Noise utterances with FLEURS-like lengths (uniform 3-25 s by default), prepared like real data."""
     import soundfile
 
     from mcat_ds.data.prepare import prepare_shards
@@ -56,7 +57,7 @@ def write_fleurs_like_shards(out: Path, count: int = 200, seed: int = 0) -> Path
     audio.mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(count):
-        seconds = rng.uniform(*FLEURS_LIKE_SECONDS)
+        seconds = rng.uniform(*seconds_range)
         path = audio / f"{index}.wav"
         soundfile.write(path, (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), 16000)
         records.append(Utterance(key=f"eng_{index}", audio=path, language="eng", transcript=f"utterance {index}",
