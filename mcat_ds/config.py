@@ -199,6 +199,10 @@ class RuntimeConfig:
     checkpointing_policy: Literal["selective", "full"] = "selective"
     """With gradient_checkpointing: ``selective`` keeps matmul and attention outputs and recomputes
     the elementwise rest; ``full`` keeps only each layer's input (see ``mcat_ds.model.checkpointing``)."""
+    precision_on_cpu: Literal["fp32", "engine"] = "fp32"
+    """Without a GPU: ``fp32`` turns the engine file's bf16 off (what CPU runs want); ``engine`` keeps
+    it, so a CPU run has the GPU's dtypes (bf16 engine and weights, fp32 masters): what the tests use
+    to exercise the GPU configuration without a GPU."""
     keep_checkpoints: int = 2
     seed: int = 0
     threads_per_rank: int = 1

@@ -58,3 +58,28 @@ def test_checkpointing_policies_keep_the_gradients_and_recompute_what_they_say(t
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown activation checkpointing policy 'some'"):
         checkpoint_arguments("some")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="FlexAttention refuses inputs that require grad on CPU (no backward there); "
+                           "the GPU acceptance run's cuda-tests step runs this")
+def test_flex_attention_under_peft_and_selective_checkpointing_keeps_loss_and_gradients_on_cuda(tiny_config):
+    """The GPU's training configuration: compiled FlexAttention on packed rows, through the peft-wrapped
+    LLM, under selective checkpointing; the same loss and gradients as eager attention on padded rows."""
+    results = []
+    for implementation, packed in (("eager", 0), ("flex_attention", 1)):
+        torch.manual_seed(0)
+        model, tokenizer = build_model(tiny_config("gemma2", f"model.llm.attn_implementation={implementation}",
+                                                   "model.lora.dropout=0", "model.adapter.dropout=0"))
+        model.cuda().train()
+        enable_activation_checkpointing(model.llm, "selective")
+        batch = batches(model, tokenizer)[packed].to("cuda")
+        features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
+        out = model(features.cuda(), lengths.cuda(), batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager_grads), (flex_loss, flex_grads) = results
+    torch.testing.assert_close(flex_loss, eager_loss, atol=1e-5, rtol=1e-5)
+    assert flex_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(flex_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)

@@ -148,3 +148,32 @@ def test_dispatch_falls_back_where_the_kernel_cannot_run_and_says_why_when_force
         qformer_cross_attention(q, q, q, lengths, implementation="triton")
     with pytest.raises(ValueError, match="unknown kernel implementation"):
         qformer_cross_attention(q, q, q, lengths, implementation="cuda")
+
+
+def test_the_benchmark_shapes_run_at_the_launch_configuration_a_gpu_would_use(monkeypatch):
+    """The benchmarks' shapes (150 queries x 1500 frames, head dim 64; 768 channels pooled by 5) in bf16,
+    with every launch's block sizes recorded: the same as a GPU's, since the launchers choose them from
+    the shapes alone. (The interpreter differs in one flag: bf16 dots accumulate as fp32 dots there.)"""
+    from mcat_ds.bench.kernels import KernelBenchConfig
+    from mcat_kernels import cross_attention, layernorm_pool as pool_module
+
+    bench = KernelBenchConfig()
+    launched = {}
+    for module, name in ((cross_attention, "_forward_blocks"), (pool_module, "_blocks")):
+        original = getattr(module, name)
+
+        def record(*args, _original=original, _name=name):
+            launched[_name] = _original(*args)
+            return launched[_name]
+
+        monkeypatch.setattr(module, name, record)
+    assert (bench.queries, bench.keys, bench.head_dim) == (150, 1500, 64)
+    check_cross_attention(1, 2, bench.queries, bench.keys, bench.head_dim, [1500], torch.bfloat16)
+    assert launched["_forward_blocks"] == (256, 64, 8)  # all 150 queries of a head in one program, 8 warps
+    x = torch.randn(1, 150, 768, device=DEVICE, dtype=torch.bfloat16)
+    weight, bias = torch.rand(768, device=DEVICE) + 0.5, torch.randn(768, device=DEVICE)
+    out = layernorm_pool(x, torch.zeros_like(x), weight.to(torch.bfloat16), bias.to(torch.bfloat16), 1e-12, 5,
+                         implementation="triton")
+    expected = layernorm_pool_reference(x.float(), torch.zeros_like(x).float(), weight, bias, 1e-12, 5)
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2)
+    assert launched["_blocks"] == (8, 1024)  # a whole 768-wide row per program

@@ -188,3 +188,18 @@ def test_training_continues_from_an_imported_release_checkpoint(tiny_dirs, small
         imported, trained = load_file(tmp_path / "imported" / name), load_file(final / name)
         assert imported.keys() == trained.keys()
         assert all(torch.equal(imported[key], trained[key]) for key in imported), name
+
+
+def test_the_gpu_configuration_trains_on_cpu_ranks(small_shards, tmp_path):
+    """The bf16 ZeRO-2 engine file the GPUs run, kept on 2 CPU ranks: bf16 encoder, LLM, adapter and
+    activations, the fused (chunked) loss over bf16 hidden states, fp32 master weights in the optimizer."""
+    result = run(train(tmp_path, small_shards, "--set", "runtime.engine=zero2_bf16",
+                       "--set", "runtime.precision_on_cpu=engine", "--set", "model.llm.dtype=bf16",
+                       "--set", "model.encoder.dtype=bf16", steps=6))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "dtypes: encoder bfloat16, adapter bfloat16, LLM bfloat16, optimizer masters float32" in result.stderr
+    metrics = read_metrics(tmp_path / "asr-l2" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(0 < m["loss"] < 20 for m in metrics) and metrics[-1]["loss"] < metrics[0]["loss"]
+    final = load_file(tmp_path / "asr-l2" / "final" / "adapter.safetensors")
+    assert {tensor.dtype for tensor in final.values()} == {__import__("torch").float32}  # the masters are saved

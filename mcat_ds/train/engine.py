@@ -40,7 +40,7 @@ def deepspeed_config(config: MCATConfig, on_gpu: bool) -> dict[str, Any]:
     """The engine file's settings plus the recipe's batch, accumulation and clipping.
 
     A recipe key in the engine file is an error: one fact, one place. Without a GPU, bf16 is turned
-    off (the trainer runs fp32 on CPU).
+    off (the trainer runs fp32 on CPU) unless ``runtime.precision_on_cpu`` is ``engine``.
     """
     path = engine_file(config.runtime.engine)
     try:
@@ -58,9 +58,10 @@ def deepspeed_config(config: MCATConfig, on_gpu: bool) -> dict[str, Any]:
         gradient_accumulation_steps=config.stage.grad_accum_steps,
         gradient_clipping=config.optim.grad_clip,
     )
-    if not on_gpu:
+    if not on_gpu and config.runtime.precision_on_cpu == "fp32":
         settings["bf16"] = {"enabled": False}
         settings.pop("communication_data_type", None)
+    if not on_gpu:
         offload = settings.get("zero_optimization", {}).get("offload_optimizer")
         if offload:
             offload["pin_memory"] = False

@@ -175,6 +175,18 @@ def _passes_tag_gate(config: MCATConfig, validation: dict[str, float], languages
     return False
 
 
+def precision_summary(engine, model) -> str:
+    """The dtypes the step runs in, as DeepSpeed left them: frozen weights, trained weights (what the
+    forward computes in) and the optimizer's master copies."""
+    def dtype(module: torch.nn.Module) -> str:
+        return str(next(module.parameters()).dtype).removeprefix("torch.")
+
+    groups = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2 masters
+    masters = str(groups[0].dtype).removeprefix("torch.") if groups else dtype(model.adapter)
+    return (f"dtypes: encoder {dtype(model.encoder)}, adapter {dtype(model.adapter)}, LLM {dtype(model.llm)}, "
+            f"optimizer masters {masters}")
+
+
 def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_from: Path | None = None) -> int:
     """Train one stage to its end (exit code 0) or until preempted (PREEMPTED_EXIT_CODE)."""
     paths = stage_paths(run_dir, config.stage.name)
@@ -236,6 +248,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
         origin = f"resumed from {resume}" if resume else (f"from {start}" if start else "from the base models")
         monitor.message(f"stage {config.stage.name}: {total_steps} steps, {len(stream.share(0))} examples per rank "
                         f"per epoch, {placement.world_size} ranks, {origin}")
+        monitor.message(precision_summary(engine, model))
     counts = count_parameters(model)
     embedding = model.llm.get_input_embeddings().weight
     head_parameters = getattr(embedding, "ds_numel", embedding.numel())  # tied: the LM head (MFU); ZeRO-3 shards
