@@ -91,6 +91,8 @@ def check_rendezvous(environ: MutableMapping[str, str], timeout: float | None = 
     if world_size == 1:
         return ips[0]
     host = socket.gethostname()
+    if rank == 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ips[0]  # torchrun's agent already hosts the store
     if rank == 0:
         local = [ip for ip in ips if _is_local(ip)]
         if not local:
