@@ -69,6 +69,16 @@ def import_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from mcat_ds.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.dtype, encoder_checkpoint=args.encoder_checkpoint,
+                            llm_checkpoint=args.llm_checkpoint)
+    print(f"mcat export: {out}/llm (merged LLM + tokenizer, loads with AutoModelForCausalLM) and "
+          f"{out}/speech (encoder, adapter, speech.json), {args.dtype}")
+    return 0
+
+
 def prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -280,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="the release run's config (hydra .hydra/config.yaml, or YAML/JSON with "
                                      "train_config.peft_config): LoRA alpha and dropout")
     release_parser.set_defaults(handler=import_release)
+
+    export_parser = commands.add_parser(
+        "export", help="a merged Hugging Face LLM (LoRA and tag rows in its weights) + the speech side, for serving")
+    export_parser.add_argument("--checkpoint", required=True, help="an MCAT checkpoint directory")
+    export_parser.add_argument("--out", required=True, help="a new directory: llm/ and speech/")
+    export_parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    export_parser.add_argument("--encoder-checkpoint", help="the Whisper checkpoint, if it moved since training")
+    export_parser.add_argument("--llm-checkpoint", help="the LLM checkpoint, if it moved since training")
+    export_parser.set_defaults(handler=export)
 
     prepare_parser = commands.add_parser("prepare", help="validate audio and write webdataset shards + report.json")
     source = prepare_parser.add_mutually_exclusive_group(required=True)

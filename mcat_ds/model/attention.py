@@ -43,3 +43,9 @@ def use_decoding_attention(llm: transformers.PreTrainedModel) -> None:
     LLM decodes with SDPA or eager instead. Other implementations are kept."""
     if llm.config._attn_implementation == "flex_attention":
         llm.set_attn_implementation(_dense_attn_implementation(type(llm), llm.config))
+
+
+def dense_attn_implementation(llm: transformers.PreTrainedModel) -> str:
+    """The implementation to decode (or serve through transformers) with: SDPA where it keeps the
+    architecture's numerics, else eager."""
+    return _dense_attn_implementation(type(llm), llm.config)

@@ -1,0 +1,111 @@
+"""``mcat export``: an MCAT checkpoint as plain Hugging Face checkpoints, for serving engines.
+
+    DIR/llm/       the LLM with LoRA merged into its weights and the 70 tag rows in its (tied)
+                   embedding, and the tokenizer with the tags: AutoModelForCausalLM.from_pretrained
+                   loads it (for gemma-3-27b-it a text-only Gemma3ForCausalLM, no vision tower)
+    DIR/speech/    encoder/ (the Whisper encoder, save_pretrained), adapter.safetensors, speech.json
+
+``speech.json`` says how the speech rows join the prompt: the adapter's config, the number of speech
+tokens, the scale for transformers' ``inputs_embeds`` in this environment and the scale the first
+decoder layer must see (for engines that hand prompt embeddings straight to the first layer), the tag
+ids, and the checkpoint's generation settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from mcat_ds.build import inputs_embeds_scale
+from mcat_ds.checkpoint import load_checkpoint
+from mcat_ds.config import AdapterConfig, from_dict
+from mcat_ds.model.adapter import SpeechAdapter
+from mcat_ds.model.attention import dense_attn_implementation
+from mcat_ds.model.encoder import SpeechEncoder
+
+LLM_DIR = "llm"
+SPEECH_DIR = "speech"
+SPEECH_FILE = "speech.json"
+ENCODER_DIR = "encoder"
+ADAPTER_FILE = "adapter.safetensors"
+FORMAT = "mcat-export"
+FORMAT_VERSION = 1
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", *,
+                      encoder_checkpoint: str | None = None, llm_checkpoint: str | None = None) -> Path:
+    """Write ``out`` (see the module docstring) from an MCAT checkpoint; written to a sibling first
+    and renamed, so a failed export never leaves a half directory under ``out``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; export writes a new directory")
+    model, tokenizer, config = load_checkpoint(checkpoint, encoder_checkpoint=encoder_checkpoint,
+                                               llm_checkpoint=llm_checkpoint)
+    model.eval()
+    width = model.llm.get_input_embeddings().weight.shape[1]
+    first_layer_scale = inputs_embeds_scale(model.llm, width) * model.speech_input_scale
+    staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    # LoRA into the base weights; peft writes the trained tag rows into the (tied) embedding
+    llm = model.llm.merge_and_unload().to(DTYPES[dtype])
+    llm.save_pretrained(staging / LLM_DIR, safe_serialization=True)
+    tokenizer.hf.save_pretrained(staging / LLM_DIR)
+    speech = staging / SPEECH_DIR
+    model.encoder.whisper.to(DTYPES[dtype]).save_pretrained(speech / ENCODER_DIR, safe_serialization=True)
+    adapter = {name: tensor.detach().to(DTYPES[dtype]).contiguous() for name, tensor in model.adapter.state_dict().items()}
+    save_file(adapter, str(speech / ADAPTER_FILE), metadata={"format": "pt"})
+    description: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "exported_from": str(checkpoint),
+        "dtype": dtype,
+        "llm_architectures": llm.config.architectures,
+        # what to pass as attn_implementation when loading llm/ with transformers: some versions
+        # run Gemma2 under SDPA by default and silently drop its attention soft-cap
+        "hf_attn_implementation": dense_attn_implementation(llm),
+        "adapter": asdict(config.model.adapter),
+        "encoder_width": model.encoder.width,
+        "llm_width": width,
+        "num_speech_tokens": model.num_speech_tokens,
+        "mask_padding_frames": model.mask_padding_frames,
+        "speech_input_scale": model.speech_input_scale,
+        "speech_first_layer_scale": first_layer_scale,
+        "language_tags": config.model.llm.language_tags,
+        "language_tag_ids": tokenizer.tag_ids,
+        "generation": asdict(config.generation),
+    }
+    (speech / SPEECH_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    os.replace(staging, out)
+    return out
+
+
+def load_exported_speech(directory: str | Path, dtype: torch.dtype = torch.float32
+                         ) -> tuple[SpeechEncoder, SpeechAdapter, dict[str, Any]]:
+    """The speech side of an export: encoder, adapter (eval mode) and ``speech.json``."""
+    speech = Path(directory) / SPEECH_DIR
+    description_file = speech / SPEECH_FILE
+    if not description_file.is_file():
+        raise FileNotFoundError(f"{directory} is not an mcat export: {description_file} is missing")
+    description = json.loads(description_file.read_text(encoding="utf-8"))
+    if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{description_file}: format {description.get('format')!r} "
+                         f"version {description.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
+    encoder = SpeechEncoder(WhisperEncoder.from_pretrained(speech / ENCODER_DIR, dtype=dtype))
+    adapter = SpeechAdapter(from_dict(AdapterConfig, description["adapter"], where=f"{description_file}: adapter: "),
+                            description["encoder_width"], description["llm_width"])
+    with safe_open(str(speech / ADAPTER_FILE), framework="pt") as handle:
+        adapter.load_state_dict({key: handle.get_tensor(key) for key in handle.keys()})
+    return encoder, adapter.to(dtype).eval(), description
