@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="DeepSpeed-scaled training of MCAT many-to-many speech-to-text translation models",
     python_requires=">=3.10",
-    packages=["mcat_ds", "mcat_ds.bench", "mcat_ds.data", "mcat_ds.model", "mcat_ds.train", "mcat_kernels"],
+    packages=["mcat_ds", "mcat_ds.bench", "mcat_ds.data", "mcat_ds.eval", "mcat_ds.infer", "mcat_ds.model", "mcat_ds.train",
+              "mcat_kernels"],
     package_dir={"mcat_kernels": "kernels"},
     package_data={"mcat_ds.data": ["demo_sentences.tsv"]},
     install_requires=[

@@ -70,7 +70,7 @@ def import_release(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from mcat_ds.export import export_checkpoint
+    from mcat_ds.infer.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, args.dtype, encoder_checkpoint=args.encoder_checkpoint,
                             llm_checkpoint=args.llm_checkpoint)
@@ -184,8 +184,8 @@ def translate(args: argparse.Namespace) -> int:
 
     from mcat_ds.checkpoint import load_checkpoint, read_checkpoint_config
     from mcat_ds.data.shards import load_index
-    from mcat_ds.inference import TranslateConfig, plan_requests
-    from mcat_ds.inference import translate as run_translation
+    from mcat_ds.infer.requests import TranslateConfig, plan_requests
+    from mcat_ds.infer.translate import translate as run_translation
 
     generation = read_checkpoint_config(args.checkpoint).generation
     config = TranslateConfig(
@@ -238,7 +238,7 @@ def translate(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mcat_ds.evaluate import evaluate as run_evaluation
+    from mcat_ds.eval.evaluate import evaluate as run_evaluation
 
     results = run_evaluation(args.hyps, args.out, comet_model=args.comet_model, spm=args.spm, compare=args.compare,
                              comet_batch=args.comet_batch, srt_split=args.srt_split)

@@ -11,7 +11,7 @@ import transformers
 
 from mcat_ds.architectures import llm_config
 from mcat_ds.build import build_model
-from mcat_ds.inference import greedy_decode
+from mcat_ds.infer.decoding import greedy_decode
 from mcat_ds.model import attention
 from mcat_ds.model.attention import resolve_attn_implementation
 from test_packing import EXAMPLES, batches

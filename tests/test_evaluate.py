@@ -12,7 +12,7 @@ import sacrebleu
 
 from mcat_ds.cli import main
 from mcat_ds.data.demo import demo_sentences
-from mcat_ds.evaluate import EvaluationError, read_hypotheses
+from mcat_ds.eval.evaluate import EvaluationError, read_hypotheses
 
 LANGUAGES = ("eng", "deu", "fra", "cmn", "jpn")
 
@@ -106,7 +106,7 @@ def test_summary_heatmap_and_comparison_with_published_scores(corpus, tmp_path):
 
 
 def test_heatmap_of_the_70_language_matrix_is_readable(tmp_path):
-    from mcat_ds.evaluate import DirectionScores, draw_heatmap
+    from mcat_ds.eval.evaluate import DirectionScores, draw_heatmap
     from mcat_ds.languages import L70
 
     results = [DirectionScores(f"{s}_{t}", 1, comet=float(i % 90)) for i, (s, t) in

@@ -12,7 +12,7 @@ from conftest import random_features
 from mcat_ds.build import build_model
 from mcat_ds.checkpoint import load_checkpoint, save_checkpoint
 from mcat_ds.cli import main
-from mcat_ds.export import load_exported_speech
+from mcat_ds.infer.export import load_exported_speech
 
 
 def trained_checkpoint(tiny_config, llm, directory):

@@ -12,7 +12,8 @@ from mcat_ds.build import build_model
 from mcat_ds.checkpoint import save_checkpoint
 from mcat_ds.cli import main
 from mcat_ds.data.shards import load_index
-from mcat_ds.inference import DecodeCounters, TranslateConfig, greedy_decode, parse_directions, plan_requests
+from mcat_ds.infer.decoding import DecodeCounters, greedy_decode
+from mcat_ds.infer.requests import TranslateConfig, parse_directions, plan_requests
 from mcat_ds.model.mcat import GenerationOptions
 from mcat_ds.train.distributed import free_port
 

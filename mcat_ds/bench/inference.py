@@ -14,7 +14,9 @@ import torch
 
 from mcat_ds.batching import TokenizedExample, collate_examples
 from mcat_ds.bench.harness import Row, benchmark_parser, csv_target, report
-from mcat_ds.inference import DecodeCounters, TranslateConfig, decode_requests
+from mcat_ds.infer.decoding import DecodeCounters
+from mcat_ds.infer.requests import TranslateConfig
+from mcat_ds.infer.translate import decode_requests
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
 from mcat_ds.model.random import fleurs_like_lengths, random_log_mel, random_mcat_model
 from mcat_ds.presets import get_preset

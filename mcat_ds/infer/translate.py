@@ -23,7 +23,6 @@ decode steps, timing) goes next to the output as ``<out>.summary.json``.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -31,7 +30,6 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -39,164 +37,12 @@ from mcat_ds.batching import collate_examples, tokenize_example
 from mcat_ds.config import Task
 from mcat_ds.data.audio import SAMPLE_RATE, AudioError, FeatureWindow, LogMelSpectrogram, decode_audio, feature_frames, pad_waveforms
 from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, load_index
-from mcat_ds.languages import get_language
-from mcat_ds.model.attention import use_decoding_attention
+from mcat_ds.infer.decoding import DecodeCounters, greedy_decode
+from mcat_ds.infer.requests import Request, TranslateConfig, plan_requests
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
 from mcat_ds.prompts import build_prompt, split_srt_output
 
-Decoder = Literal["fast", "hf"]
 
-
-@dataclass(frozen=True)
-class TranslateConfig:
-    task: Task = "srt"
-    directions: str = "all"
-    """``all``, ``eng-x``, ``x-eng`` or a comma list of ``src-tgt`` (``x`` stands for any language)."""
-    batch: int = 50
-    """Requests decoded together."""
-    encoder_batch: int = 32
-    """Utterances encoded together (at most)."""
-    beams: int = 1
-    max_new_tokens: int = 256
-    no_repeat_ngram_size: int = 0
-    decoder: Decoder = "fast"
-    long_audio: Literal["trim", "skip"] = "trim"
-    """Audio longer than the encoder's window: ``trim`` to the window (what the release does, so an
-    evaluation scores every utterance) or ``skip``. Either way it is counted in the summary."""
-
-
-@dataclass(frozen=True)
-class Request:
-    order: int
-    """Position in the input order (index order, then target language order)."""
-    id: str
-    entry: int
-    src: str
-    tgt: str | None
-
-
-def parse_directions(spec: str) -> list[tuple[str, str]]:
-    """``all`` / ``eng-x`` / ``x-eng`` / ``deu-fra,cmn-x`` -> (src, tgt) patterns, ``x`` = any."""
-    if spec == "all":
-        return [("x", "x")]
-    patterns = []
-    for part in spec.split(","):
-        pieces = part.strip().split("-")
-        if len(pieces) != 2 or not all(pieces):
-            raise ValueError(f"direction {part!r} is not SRC-TGT (e.g. deu-fra, eng-x, x-eng)")
-        for code in pieces:
-            if code != "x":
-                get_language(code)  # unknown codes fail with the near matches
-        patterns.append((pieces[0], pieces[1]))
-    return patterns
-
-
-def _matches(patterns: list[tuple[str, str]], src: str, tgt: str | None) -> bool:
-    return any(ps in ("x", src) and (tgt is None or pt in ("x", tgt)) for ps, pt in patterns)
-
-
-def plan_requests(entries: list[IndexEntry], config: TranslateConfig) -> list[Request]:
-    """ASR: one request per utterance. SMT/SRT: one per target language the utterance has a
-    reference translation in, within ``directions``."""
-    patterns = parse_directions(config.directions)
-    requests = []
-    for index, entry in enumerate(entries):
-        if config.task == "asr":
-            if _matches(patterns, entry.language, None):
-                requests.append(Request(len(requests), entry.key, index, entry.language, None))
-            continue
-        for tgt in sorted(entry.translations):
-            if tgt != entry.language and _matches(patterns, entry.language, tgt):
-                requests.append(Request(len(requests), f"{entry.key}:{entry.language}-{tgt}", index, entry.language, tgt))
-    return requests
-
-
-# ---------------------------------------------------------------- decoding
-
-
-def _ban_repeated_ngrams(logits, generated, rows, step: int, size: int):
-    """-inf for each live row's tokens that would repeat one of its n-grams (HF's no_repeat_ngram_size)."""
-    if step + 1 < size:
-        return logits
-    logits = logits.clone()
-    history = generated[rows, :step].tolist()
-    for live, tokens in enumerate(history):
-        banned = _banned_ngram_tokens(tokens, size)
-        if banned:
-            logits[live, banned] = float("-inf")
-    return logits
-
-
-def _banned_ngram_tokens(tokens: list[int], size: int) -> list[int]:
-    """Tokens that would repeat an n-gram of ``tokens`` (HF's no_repeat_ngram_size rule)."""
-    if size <= 0 or len(tokens) + 1 < size:
-        return []
-    prefix = tuple(tokens[len(tokens) - size + 1:])
-    return [tokens[i + size - 1] for i in range(len(tokens) - size + 1) if tuple(tokens[i:i + size - 1]) == prefix]
-
-
-@dataclass
-class DecodeCounters:
-    decode_steps: int = 0
-    """LLM forward calls after the prompt (one per generated position of the batch)."""
-    token_rows: int = 0
-    """Sequence rows the LLM computed over all decode steps (finished rows dropped cost none)."""
-    output_tokens: int = 0
-
-
-def _cache_argument(llm) -> str:
-    """transformers 5.x names the KV cache argument ``cache``; 4.x ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
-
-
-def _returned_cache(output):
-    return output.cache if "cache" in output.keys() else output.past_key_values
-
-
-@torch.no_grad()
-def greedy_decode(llm, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-                  no_repeat_ngram_size: int = 0, counters: DecodeCounters | None = None) -> list[list[int]]:
-    """Greedy decoding over the KV cache from left-padded prompt embeddings; new ids per row, up to
-    (not including) end-of-sequence. Positions follow HF ``generate`` (cumulative mask, pads at 1)."""
-    counters = counters or DecodeCounters()
-    use_decoding_attention(llm)
-    batch = embeds.shape[0]
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-              use_cache=True, logits_to_keep=1)
-    cache, logits = _returned_cache(out), out.logits[:, -1]
-    device = embeds.device
-    rows = torch.arange(batch, device=device)  # which original row each live row is
-    generated = torch.full((batch, max_new_tokens), eos_token_id, dtype=torch.long, device=device)
-    positions = position_ids[:, -1:]
-    mask_column = attention_mask.new_ones(batch, 1)
-    cache_argument = _cache_argument(llm)
-    for step in range(max_new_tokens):
-        if no_repeat_ngram_size:
-            logits = _ban_repeated_ngrams(logits, generated, rows, step, no_repeat_ngram_size)
-        tokens = logits.argmax(-1)
-        generated[rows, step] = tokens
-        finished = tokens == eos_token_id
-        # one host sync per step: how many rows finished (HF generate syncs as often)
-        done = int(finished.sum())
-        if step == max_new_tokens - 1 or done == tokens.shape[0]:
-            break
-        if done:  # finished rows leave the batch and the cache: they stop costing compute
-            keep = (~finished).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, tokens, attention_mask, positions = rows[keep], tokens[keep], attention_mask[keep], positions[keep]
-        attention_mask = torch.cat([attention_mask, mask_column[: attention_mask.shape[0]]], dim=1)
-        positions = positions + 1
-        out = llm(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions,
-                  use_cache=True, **{cache_argument: cache})
-        cache, logits = _returned_cache(out), out.logits[:, -1]
-        counters.decode_steps += 1
-        counters.token_rows += tokens.shape[0]
-    results = []
-    for row in generated.tolist():
-        results.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
-    counters.output_tokens += sum(len(row) for row in results)
-    return results
 
 
 def decode_requests(model: MCATModel, speech: torch.Tensor, prompts, config: TranslateConfig,
