@@ -143,6 +143,16 @@ SlurmdLogFile={self.root}/log/slurmd-%n.log
                 return word.split("=", 1)[1]
         return ""
 
+    def wait_for(self, job: str, states: set[str], timeout: float = 600) -> str:
+        """The job's state once it is one of ``states``."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.job_field(job, "JobState")
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job} still {self.job_field(job, 'JobState')}")
+
     def stop_daemons(self) -> None:
         for process in reversed(self.daemons):
             if process.poll() is None:

@@ -30,13 +30,7 @@ def submit(slurm, workdir, *args):
 
 
 def wait_state(slurm, job, states, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = slurm.job_field(job, "JobState")
-        if state in states:
-            return state
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job} still {slurm.job_field(job, 'JobState')}")
+    return slurm.wait_for(job, states, timeout)
 
 
 def test_two_cpu_ranks_train_a_stage(slurm, small_shards, tmp_path):

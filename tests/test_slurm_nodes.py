@@ -41,13 +41,7 @@ def submit(cluster, workdir, script, *args, nodes=2, env=()):
 
 
 def wait_done(cluster, job, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        state = cluster.job_field(job, "JobState")
-        if state in DONE:
-            return state
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job} still {cluster.job_field(job, 'JobState')}")
+    return cluster.wait_for(job, DONE, timeout)
 
 
 def log_of(workdir, job, prefix="mcat"):
