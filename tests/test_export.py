@@ -8,25 +8,14 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from conftest import random_features
-from mcat_ds.build import build_model
-from mcat_ds.checkpoint import load_checkpoint, save_checkpoint
+from conftest import random_features, write_trained_checkpoint
+from mcat_ds.checkpoint import load_checkpoint
 from mcat_ds.cli import main
 from mcat_ds.infer.export import load_exported_speech
 
 
 def trained_checkpoint(tiny_config, llm, directory):
-    """A checkpoint whose LoRA and tag rows are non-zero, so merging them changes the weights."""
-    torch.manual_seed(0)
-    config = tiny_config(llm, "model.llm.train_embeddings=tags")
-    model, tokenizer = build_model(config)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.llm.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
-    save_checkpoint(model, tokenizer, config, directory)
-    return directory
+    return write_trained_checkpoint(tiny_config(llm, "model.llm.train_embeddings=tags"), directory)
 
 
 @pytest.mark.parametrize("llm", ["gemma2", "gemma3_multimodal"])

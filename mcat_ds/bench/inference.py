@@ -91,7 +91,7 @@ def run_ours(model: MCATModel, lengths, prompts, config: InferenceBenchConfig,
     """``mcat translate``'s path: utterances longest first, encoded once; requests decoded in batches."""
     order = length_order(lengths)
     per_chunk = max(1, config.batch // config.targets_per_utterance)
-    translate = TranslateConfig(batch=config.batch, max_new_tokens=config.max_new_tokens, decoder="fast")
+    translate = TranslateConfig(batch=config.batch, max_new_tokens=config.max_new_tokens, engine="fast")
     results: dict[tuple[int, int], list[int]] = {}
     encoder_rows = 0
     for first in range(0, len(order), per_chunk):

@@ -19,13 +19,13 @@ def _ban_repeated_ngrams(logits, generated, rows, step: int, size: int):
     logits = logits.clone()
     history = generated[rows, :step].tolist()
     for live, tokens in enumerate(history):
-        banned = _banned_ngram_tokens(tokens, size)
+        banned = banned_ngram_tokens(tokens, size)
         if banned:
             logits[live, banned] = float("-inf")
     return logits
 
 
-def _banned_ngram_tokens(tokens: list[int], size: int) -> list[int]:
+def banned_ngram_tokens(tokens: list[int], size: int) -> list[int]:
     """Tokens that would repeat an n-gram of ``tokens`` (HF's no_repeat_ngram_size rule)."""
     if size <= 0 or len(tokens) + 1 < size:
         return []

@@ -8,7 +8,8 @@
 ``speech.json`` says how the speech rows join the prompt: the adapter's config, the number of speech
 tokens, the scale for transformers' ``inputs_embeds`` in this environment and the scale the first
 decoder layer must see (for engines that hand prompt embeddings straight to the first layer), the tag
-ids, and the checkpoint's generation settings.
+ids, the end-of-sequence id, and the checkpoint's generation settings. ``mcat translate --engine vllm``
+serves an export (see ``mcat_ds.infer.vllm_engine``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mcat_ds.build import inputs_embeds_scale
@@ -85,6 +87,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "bfl
         "speech_first_layer_scale": first_layer_scale,
         "language_tags": config.model.llm.language_tags,
         "language_tag_ids": tokenizer.tag_ids,
+        "eos_token_id": tokenizer.hf.eos_token_id,
         "generation": asdict(config.generation),
     }
     (speech / SPEECH_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
@@ -92,20 +95,60 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "bfl
     return out
 
 
-def load_exported_speech(directory: str | Path, dtype: torch.dtype = torch.float32
-                         ) -> tuple[SpeechEncoder, SpeechAdapter, dict[str, Any]]:
-    """The speech side of an export: encoder, adapter (eval mode) and ``speech.json``."""
-    speech = Path(directory) / SPEECH_DIR
-    description_file = speech / SPEECH_FILE
+def read_export_description(directory: str | Path) -> dict[str, Any]:
+    """An export's ``speech.json``, checked to be one this version reads."""
+    description_file = Path(directory) / SPEECH_DIR / SPEECH_FILE
     if not description_file.is_file():
         raise FileNotFoundError(f"{directory} is not an mcat export: {description_file} is missing")
     description = json.loads(description_file.read_text(encoding="utf-8"))
     if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{description_file}: format {description.get('format')!r} "
                          f"version {description.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
+    return description
+
+
+def load_exported_speech(directory: str | Path, dtype: torch.dtype = torch.float32
+                         ) -> tuple[SpeechEncoder, SpeechAdapter, dict[str, Any]]:
+    """The speech side of an export: encoder, adapter (eval mode) and ``speech.json``."""
+    speech = Path(directory) / SPEECH_DIR
+    description_file = speech / SPEECH_FILE
+    description = read_export_description(directory)
     encoder = SpeechEncoder(WhisperEncoder.from_pretrained(speech / ENCODER_DIR, dtype=dtype))
     adapter = SpeechAdapter(from_dict(AdapterConfig, description["adapter"], where=f"{description_file}: adapter: "),
                             description["encoder_width"], description["llm_width"])
     with safe_open(str(speech / ADAPTER_FILE), framework="pt") as handle:
         adapter.load_state_dict({key: handle.get_tensor(key) for key in handle.keys()})
     return encoder, adapter.to(dtype).eval(), description
+
+
+def is_export(directory: str | Path) -> bool:
+    return (Path(directory) / SPEECH_DIR / SPEECH_FILE).is_file()
+
+
+class ExportedSpeech(nn.Module):
+    """The speech half of an export for an engine that hands prompt embeddings straight to the first
+    decoder layer: ``speech_embeddings`` are scaled as that layer must see them."""
+
+    def __init__(self, encoder: SpeechEncoder, adapter: SpeechAdapter, description: dict[str, Any]):
+        super().__init__()
+        self.encoder = encoder
+        self.adapter = adapter
+        self.description = description
+        self.scale = description["speech_first_layer_scale"]
+        self.mask_padding_frames = description["mask_padding_frames"]
+
+    @property
+    def num_speech_tokens(self) -> int:
+        return self.adapter.num_speech_tokens
+
+    def speech_embeddings(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
+        """(B, num_mel_bins, window) log-mel features -> (B, num_speech_tokens, llm_width), what
+        ``MCATModel.speech_embeddings`` gives, rescaled from ``inputs_embeds`` to the first layer."""
+        states, state_lengths = self.encoder(features, feature_lengths)
+        if not self.mask_padding_frames:
+            state_lengths = torch.full_like(state_lengths, states.shape[1])
+        return self.adapter(states.to(self.adapter.queries.dtype), state_lengths) * self.scale
+
+
+def load_exported_speech_side(directory: str | Path, dtype: torch.dtype = torch.float32) -> ExportedSpeech:
+    return ExportedSpeech(*load_exported_speech(directory, dtype)).eval()

@@ -10,7 +10,11 @@ from mcat_ds.config import Task
 from mcat_ds.data.shards import IndexEntry
 from mcat_ds.languages import get_language
 
-Decoder = Literal["fast", "hf"]
+EngineName = Literal["fast", "hf", "vllm"]
+
+DEFAULT_BATCH: dict[str, int] = {"fast": 50, "hf": 50, "vllm": 1024}
+"""Requests per decode call: a batch for our loop and HF generate; for vLLM a chunk its scheduler
+batches continuously (large enough to keep it full, small enough that a kill loses little)."""
 
 
 @dataclass(frozen=True)
@@ -19,13 +23,14 @@ class TranslateConfig:
     directions: str = "all"
     """``all``, ``eng-x``, ``x-eng`` or a comma list of ``src-tgt`` (``x`` stands for any language)."""
     batch: int = 50
-    """Requests decoded together."""
+    """Requests decoded together (``fast``, ``hf``); for ``vllm``, requests handed to its scheduler in
+    one call (outputs are written, and a killed run resumes, per call)."""
     encoder_batch: int = 32
     """Utterances encoded together (at most)."""
     beams: int = 1
     max_new_tokens: int = 256
     no_repeat_ngram_size: int = 0
-    decoder: Decoder = "fast"
+    engine: EngineName = "fast"
     long_audio: Literal["trim", "skip"] = "trim"
     """Audio longer than the encoder's window: ``trim`` to the window (what the release does, so an
     evaluation scores every utterance) or ``skip``. Either way it is counted in the summary."""

@@ -28,12 +28,13 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Protocol
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from mcat_ds.batching import collate_examples, tokenize_example
+from mcat_ds.batching import TokenizedExample, collate_examples, tokenize_example
 from mcat_ds.config import Task
 from mcat_ds.data.audio import SAMPLE_RATE, AudioError, FeatureWindow, LogMelSpectrogram, decode_audio, feature_frames, pad_waveforms
 from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, load_index
@@ -50,11 +51,61 @@ def decode_requests(model: MCATModel, speech: torch.Tensor, prompts, config: Tra
     """Token ids per request: the fast greedy loop, or HF ``generate`` (beam search, or asked for)."""
     options = GenerationOptions(num_beams=config.beams, max_new_tokens=config.max_new_tokens,
                                 no_repeat_ngram_size=config.no_repeat_ngram_size)
-    if config.decoder == "hf" or config.beams > 1:
+    if config.engine == "hf" or config.beams > 1:
         return model.generate_from_speech(speech, prompts, options)
     embeds = model.input_embeddings(prompts, speech)
     return greedy_decode(model.llm, embeds, prompts.attention_mask, config.max_new_tokens, model.eos_token_id,
                          config.no_repeat_ngram_size, counters)
+
+
+class TorchEngine:
+    """The ``fast`` and ``hf`` engines: decoding over the MCAT model's own (peft) LLM, in batches of
+    ``config.batch`` requests of similar prompt length."""
+
+    batches_whole_chunk = False
+
+    def __init__(self, model: MCATModel, config: TranslateConfig):
+        self.model = model
+        self.config = config
+
+    def decode(self, speech: torch.Tensor, examples: list[TokenizedExample], counters: DecodeCounters) -> list[list[int]]:
+        prompts = collate_examples(examples, self.model.num_speech_tokens, self.model.pad_token_id,
+                                   padding_side="left").to(speech.device)
+        return decode_requests(self.model, speech, prompts, self.config, counters)
+
+
+class Engine(Protocol):
+    batches_whole_chunk: bool
+    """True: translate hands over a chunk's requests in one call (the engine schedules them)."""
+
+    def decode(self, speech: torch.Tensor, examples: list[TokenizedExample], counters: DecodeCounters) -> list[list[int]]:
+        """Speech rows (one per request, as the engine's speech side made them) and prompts -> new ids."""
+
+
+class SpeechSide(Protocol):
+    """What translate needs of the speech half: an ``MCATModel`` or an export's ``ExportedSpeech``."""
+
+    encoder: torch.nn.Module
+    num_speech_tokens: int
+
+    def speech_embeddings(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor: ...
+
+
+def pin_vllm_devices(local_rank: int, tensor_parallel: int) -> None:
+    """One vLLM engine per rank (torchrun / srun): local rank r keeps GPUs [r*tp, (r+1)*tp) of what
+    the node shows, since vLLM places its workers from device 0 of what it sees. Call it before
+    anything initialises CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = local_rank * tensor_parallel
+    if visible:
+        devices = visible.split(",")
+        if len(devices) < first + tensor_parallel:
+            raise ValueError(f"local rank {local_rank} with --tensor-parallel {tensor_parallel} needs "
+                             f"{first + tensor_parallel} GPUs; CUDA_VISIBLE_DEVICES={visible} shows {len(devices)}")
+        mine = devices[first:first + tensor_parallel]
+    else:
+        mine = [str(index) for index in range(first, first + tensor_parallel)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
 
 
 # ---------------------------------------------------------------- the run
@@ -75,7 +126,9 @@ class TranslateSummary:
     long_audio_skipped: dict[str, float] = field(default_factory=dict)
     """Utterances longer than the window and skipped (``long_audio=skip``): id -> seconds."""
     srt_malformed: int = 0
+    engine: str = ""
     decode_steps: int = 0
+    """LLM calls after the prompt (fast engine; vLLM schedules its own and this stays 0)."""
     token_rows: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
@@ -105,15 +158,16 @@ def _part_paths(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.name}.part*"))
 
 
-def _utterance_chunks(pending: dict[int, list[Request]], entries: list[IndexEntry], config: TranslateConfig):
-    """Utterances longest first, grouped until their requests fill a decode batch (or the encoder
-    batch is full)."""
+def _utterance_chunks(pending: dict[int, list[Request]], entries: list[IndexEntry], requests_limit: int,
+                      utterances_limit: float):
+    """Utterances longest first, grouped until their requests reach ``requests_limit`` (or the
+    chunk holds ``utterances_limit`` utterances)."""
     order = sorted(pending, key=lambda index: -entries[index].seconds)
     chunk, requests = [], 0
     for index in order:
         chunk.append(index)
         requests += len(pending[index])
-        if requests >= config.batch or len(chunk) >= config.encoder_batch:
+        if requests >= requests_limit or len(chunk) >= utterances_limit:
             yield chunk
             chunk, requests = [], 0
     if chunk:
@@ -135,8 +189,8 @@ def _record(request: Request, meta: dict, text: str, task: Task, summary: Transl
 
 
 @torch.no_grad()
-def translate(model: MCATModel, tokenizer, data_dir: str | Path, out: str | Path, config: TranslateConfig,
-              rank: int = 0, world_size: int = 1, barrier=None) -> TranslateSummary:
+def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: str | Path, out: str | Path,
+              config: TranslateConfig, rank: int = 0, world_size: int = 1, barrier=None) -> TranslateSummary:
     """Translate every request of ``data_dir`` not yet in ``out``; see the module docstring."""
     started = time.perf_counter()
     out = Path(out)
@@ -150,17 +204,18 @@ def translate(model: MCATModel, tokenizer, data_dir: str | Path, out: str | Path
     for request in mine:
         pending[request.entry].append(request)
 
-    device = next(model.parameters()).device
-    window = FeatureWindow(model.encoder.num_mel_bins, model.encoder.window_frames)
+    device = next(speech_side.parameters()).device
+    window = FeatureWindow(speech_side.encoder.num_mel_bins, speech_side.encoder.window_frames)
     log_mel = LogMelSpectrogram(window).to(device)
     reader = ShardReader(data_dir)
     counters = DecodeCounters()
-    hf = tokenizer.hf
     part_path = _part_path(out, rank)
+    # an engine that schedules its own batches gets a chunk of requests at once, encoded in batches
+    utterances_limit = float("inf") if engine.batches_whole_chunk else config.encoder_batch
     with open(part_path, "a", encoding="utf-8") as part:
         if part.tell() and not part_path.read_bytes().endswith(b"\n"):
             part.write("\n")  # a line cut by a kill stays on its own line (and is ignored)
-        for chunk in _utterance_chunks(pending, entries, config):
+        for chunk in _utterance_chunks(pending, entries, config.batch, utterances_limit):
             loaded, metas = [], {}
             for index in chunk:
                 entry = entries[index]
@@ -180,34 +235,39 @@ def translate(model: MCATModel, tokenizer, data_dir: str | Path, out: str | Path
                 loaded.append((index, samples))
             if not loaded:
                 continue
-            waveforms, num_samples = pad_waveforms([samples for _, samples in loaded], window)
-            features = log_mel(waveforms.to(device), num_samples.to(device))
-            speech = model.speech_embeddings(features, feature_frames(num_samples).to(device))
+            speech = []
+            for first in range(0, len(loaded), config.encoder_batch):
+                waveforms, num_samples = pad_waveforms([samples for _, samples in loaded[first:first + config.encoder_batch]],
+                                                       window)
+                features = log_mel(waveforms.to(device), num_samples.to(device))
+                speech.append(speech_side.speech_embeddings(features, feature_frames(num_samples).to(device)))
+                summary.encoder_calls += 1
+            speech = torch.cat(speech)
             summary.utterances_encoded += len(loaded)
-            summary.encoder_calls += 1
             slot = {index: position for position, (index, _) in enumerate(loaded)}
             batch_requests = [r for index, _ in loaded for r in pending[index]]
             tokenized = []
             for request in batch_requests:
                 meta = metas[request.entry]
                 prompt = build_prompt(config.task, request.src, request.tgt, transcript=meta.get("transcript"))
-                tokenized.append(tokenize_example(hf, prompt))
+                tokenized.append(tokenize_example(hf_tokenizer, prompt))
             by_length = sorted(range(len(batch_requests)), key=lambda i: len(tokenized[i].prompt_ids))
-            for first in range(0, len(by_length), config.batch):
-                picked = by_length[first:first + config.batch]
-                prompts = collate_examples([tokenized[i] for i in picked], model.num_speech_tokens, hf.pad_token_id,
-                                           padding_side="left").to(device)
+            group = len(by_length) if engine.batches_whole_chunk else config.batch
+            for first in range(0, len(by_length), group):
+                picked = by_length[first:first + group]
                 rows = torch.tensor([slot[batch_requests[i].entry] for i in picked], device=device)
-                outputs = decode_requests(model, speech[rows], prompts, config, counters)
+                outputs = engine.decode(speech[rows], [tokenized[i] for i in picked], counters)
                 for i, ids in zip(picked, outputs):
                     request = batch_requests[i]
-                    text = hf.decode(ids, skip_special_tokens=True)
+                    # tags are added tokens, not special ones: they stay in the text (SRT needs them)
+                    text = hf_tokenizer.decode(ids, skip_special_tokens=True)
                     part.write(json.dumps(_record(request, metas[request.entry], text, config.task, summary),
                                           ensure_ascii=False) + "\n")
                     summary.written += 1
                 part.flush()
     summary.decode_steps, summary.token_rows, summary.output_tokens = (
         counters.decode_steps, counters.token_rows, counters.output_tokens)
+    summary.engine = config.engine
     summary.seconds = time.perf_counter() - started
     if barrier is not None:
         barrier()

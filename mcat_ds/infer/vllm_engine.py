@@ -1,0 +1,150 @@
+"""``mcat translate --engine vllm``: the LLM half of decoding on vLLM's offline engine.
+
+vLLM serves the merged LLM of an ``mcat export`` (LoRA in the weights, tag rows in the embedding:
+vLLM's LoRA cannot carry added vocabulary rows). Each request is a mixed-mode prompt: the token ids
+of the prompt, with the speech positions marked as precomputed embedding rows. vLLM embeds the ids
+itself (Gemma's sqrt(hidden) normaliser included) but hands embedding rows to the first decoder layer
+untouched, so the speech rows come scaled as that layer must see them (``speech_first_layer_scale``
+in ``speech.json``). The requests of a chunk go in one call, and vLLM's scheduler batches them
+continuously over its paged KV cache.
+
+Decoding is greedy and stops at the tokenizer's end-of-sequence only (not at other ids a generation
+config lists), as the ``fast`` and ``hf`` engines do; the release's ``no_repeat_ngram_size`` runs as
+the logits processor below. Beam search is not offered with prompt embeddings: beams stay on ``hf``.
+
+This module imports vLLM at load: import it only when the engine is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from vllm import LLM, SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from mcat_ds.batching import TokenizedExample
+from mcat_ds.infer.decoding import DecodeCounters, banned_ngram_tokens
+from mcat_ds.infer.export import LLM_DIR
+
+NO_REPEAT_KEY = "no_repeat_ngram_size"
+"""The per-request ``SamplingParams.extra_args`` key the logits processor reads."""
+
+
+class NoRepeatNgramLogitsProcessor(LogitsProcessor):
+    """HF's ``no_repeat_ngram_size`` over each request's generated tokens: a token that would repeat
+    one of its n-grams gets -inf. Only the generated tokens count, as in HF ``generate`` from
+    ``inputs_embeds`` (the release's call), where the prompt has no ids."""
+
+    @classmethod
+    def validate_params(cls, params: SamplingParams):
+        size = (params.extra_args or {}).get(NO_REPEAT_KEY, 0)
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"{NO_REPEAT_KEY} must be a non-negative integer, got {size!r}")
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.rows: dict[int, tuple[int, list[int]]] = {}
+        """Batch index -> (n-gram size, that request's live list of output token ids)."""
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # a banned token can be the argmax
+
+    @staticmethod
+    def _new_request(params: SamplingParams, _prompt_ids, output_ids: list[int]):
+        size = (params.extra_args or {}).get(NO_REPEAT_KEY, 0) if params is not None else 0
+        return (size, output_ids) if size else None
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(self.rows, batch_update, self._new_request)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for index, (size, generated) in self.rows.items():
+            banned = banned_ngram_tokens(generated, size)
+            if banned:
+                logits[index, banned] = float("-inf")
+        return logits
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """How the engine is started; the defaults suit one GPU and MCAT's short prompts."""
+
+    tensor_parallel: int = 1
+    """GPUs one engine spans (27B in bf16 fits one 80 GB GPU only with little KV cache: use 2)."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM's fraction of GPU memory (on the CPU build: of host memory; set VLLM_CPU_KVCACHE_SPACE too)."""
+    max_model_len: int = 2048
+    """Prompt (speech rows, tags, an SMT transcript) plus new tokens, at most."""
+    max_num_seqs: int = 256
+    """Sequences in one step of continuous batching."""
+    enforce_eager: bool = False
+    """True skips CUDA graph capture (faster start, slower decode); always on for the CPU build."""
+    seed: int = 0
+
+
+class VllmEngine:
+    """Decodes the requests of a chunk on vLLM; same ids out as ``greedy_decode``."""
+
+    batches_whole_chunk = True
+    """translate hands this engine a chunk's requests in one call (vLLM schedules them)."""
+
+    def __init__(self, export_dir: str | Path, *, max_new_tokens: int, no_repeat_ngram_size: int,
+                 eos_token_id: int, dtype: str, settings: VllmSettings = VllmSettings()):
+        llm_dir = Path(export_dir) / LLM_DIR
+        on_cpu = not torch.cuda.is_available()
+        self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+        self.engine = LLM(
+            model=str(llm_dir), tokenizer=str(llm_dir), dtype=dtype, seed=settings.seed,
+            enable_prompt_embeds=True,
+            # prompts start with speech rows, which differ per utterance: nothing to share
+            enable_prefix_caching=False,
+            generation_config="vllm",  # the model folder's generation_config.json sets no defaults here
+            tensor_parallel_size=settings.tensor_parallel,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+            enforce_eager=settings.enforce_eager or on_cpu,
+            # always there (it costs nothing for requests without the setting), so one engine serves any
+            logits_processors=[NoRepeatNgramLogitsProcessor],
+        )
+        self.set_generation(max_new_tokens, no_repeat_ngram_size, eos_token_id)
+
+    def set_generation(self, max_new_tokens: int, no_repeat_ngram_size: int, eos_token_id: int) -> None:
+        """The decoding settings of the following calls (the engine stays up)."""
+        self.eos_token_id = eos_token_id
+        self.sampling = SamplingParams(
+            temperature=0.0, max_tokens=max_new_tokens,
+            ignore_eos=True, stop_token_ids=[eos_token_id],  # the tokenizer's eos alone ends a request
+            detokenize=False, skip_special_tokens=False,  # ids come back; translate decodes them
+            extra_args={NO_REPEAT_KEY: no_repeat_ngram_size},
+        )
+
+    def decode(self, speech: torch.Tensor, examples: list[TokenizedExample],
+               counters: DecodeCounters) -> list[list[int]]:
+        """``speech`` (requests, speech tokens, width) as the first decoder layer sees it; one
+        prompt per row -> new ids per request, without the end-of-sequence token."""
+        speech = speech.to(device="cpu", dtype=self.dtype)
+        num_speech = speech.shape[1]
+        prompts = []
+        for row, example in enumerate(examples):
+            ids = list(example.prompt_ids)
+            # the speech rows lead, as in training (collate_examples); their ids are placeholders
+            embeds = torch.zeros(num_speech + len(ids), speech.shape[2], dtype=self.dtype)
+            embeds[:num_speech] = speech[row]
+            prompts.append({
+                "prompt_embeds": embeds,
+                "prompt_token_ids": [ids[0]] * num_speech + ids,
+                "prompt_is_token_ids": [False] * num_speech + [True] * len(ids),
+            })
+        outputs = self.engine.generate(prompts, self.sampling, use_tqdm=False)
+        results = []
+        for output in outputs:
+            ids = list(output.outputs[0].token_ids)
+            results.append(ids[: ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids)
+        counters.output_tokens += sum(len(ids) for ids in results)
+        return results
+
+    def close(self) -> None:
+        """Stop the engine's processes now (they also stop when the engine is collected)."""
+        self.engine.llm_engine.engine_core.shutdown()

