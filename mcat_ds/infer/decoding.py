@@ -43,8 +43,11 @@ class DecodeCounters:
 
 
 def _cache_argument(llm) -> str:
-    """transformers 5.x names the KV cache argument ``cache``; 4.x ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+    """transformers 5.x names the KV cache argument ``cache`` (``past_key_values`` is deprecated
+    there); 4.x ``past_key_values``. Asked of the model under a peft wrapper, whose forward takes
+    ``**kwargs``."""
+    model = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _returned_cache(output):

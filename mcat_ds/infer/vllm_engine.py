@@ -96,7 +96,8 @@ class VllmEngine:
         on_cpu = not torch.cuda.is_available()
         self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
         self.engine = LLM(
-            model=str(llm_dir), tokenizer=str(llm_dir), dtype=dtype, seed=settings.seed,
+            model=str(llm_dir), dtype=dtype, seed=settings.seed,
+            skip_tokenizer_init=True,  # ids in, ids out: translate tokenizes and decodes with the export's
             enable_prompt_embeds=True,
             # prompts start with speech rows, which differ per utterance: nothing to share
             enable_prefix_caching=False,
