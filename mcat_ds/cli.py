@@ -220,7 +220,9 @@ def translate(args: argparse.Namespace) -> int:
 
     from mcat_ds.data.shards import load_index
     from mcat_ds.infer.requests import DEFAULT_BATCH, TranslateConfig, plan_requests
-    from mcat_ds.infer.translate import pin_vllm_devices
+    from pathlib import Path
+
+    from mcat_ds.infer.translate import merge_outputs, pending_requests, pin_vllm_devices
     from mcat_ds.rendezvous import prepare_rendezvous, rendezvous_environment
 
     world = {**os.environ, **rendezvous_environment(dict(os.environ))}
@@ -258,8 +260,16 @@ def translate(args: argparse.Namespace) -> int:
     data = _translate_data(args, prepare=rank == 0)
     if barrier is not None:
         barrier()  # rank 0 has sharded a manifest
-    if not plan_requests(load_index(data), config):
+    requests = plan_requests(load_index(data), config)
+    if not requests:
         raise ValueError(f"no {args.task} requests in {data} for --directions {args.directions}")
+    if not pending_requests(args.out, requests):  # a finished run again: no weights to load
+        if barrier is not None:
+            barrier()
+        if rank == 0:
+            merge_outputs(Path(args.out), requests)
+            print(f"mcat translate: all {len(requests)} outputs are already in {args.out}")
+        return 0
     if rank == 0:
         print(f"mcat translate: {config.engine} engine, beams={config.beams}, max_new_tokens={config.max_new_tokens}, "
               f"no_repeat_ngram_size={config.no_repeat_ngram_size} (the checkpoint's generation settings "

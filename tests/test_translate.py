@@ -1,6 +1,7 @@
 """mcat translate: the fast decoder equals HF generate, one encoder pass per utterance, resume, ranks."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -231,3 +232,26 @@ def test_long_audio_is_trimmed_to_the_window_and_counted_or_skipped(tiny_checkpo
     skipped, summary = run("skipped", "long_shards", "--long-audio", "skip")
     assert set(summary["long_audio_skipped"]) == long_keys and set(summary["skipped_audio"]) == long_keys
     assert len(skipped) == 2 and not summary["trimmed_audio"]
+
+
+def test_each_vllm_rank_sees_its_own_gpus(monkeypatch):
+    from mcat_ds.infer.translate import pin_vllm_devices
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pin_vllm_devices(local_rank=3, tensor_parallel=2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    pin_vllm_devices(local_rank=1, tensor_parallel=2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # srun bound one GPU to this task
+    pin_vllm_devices(local_rank=1, tensor_parallel=1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    with pytest.raises(ValueError, match="needs 4 GPUs"):
+        pin_vllm_devices(local_rank=1, tensor_parallel=2)
+
+
+def test_vllm_refuses_beams_before_loading_anything(tiny_checkpoint, small_shards, tmp_path, capsys):
+    assert main(["translate", "--checkpoint", str(tiny_checkpoint), "--data", str(small_shards),
+                 "--out", str(tmp_path / "h.jsonl"), "--engine", "vllm", "--beams", "4"]) == 2
+    assert "no beam search" in capsys.readouterr().err

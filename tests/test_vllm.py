@@ -8,6 +8,8 @@ engine per model for the module: starting one costs 15-30 s here."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from mcat_ds.infer.export import export_checkpoint, load_exported_speech_side  #
 from mcat_ds.infer.requests import TranslateConfig  # noqa: E402
 from mcat_ds.infer.translate import TorchEngine, translate  # noqa: E402
 from mcat_ds.presets import get_preset  # noqa: E402
+from mcat_ds.train.distributed import free_port  # noqa: E402
 
 SETTINGS_ON_CPU = dict(gpu_memory_utilization=0.1, max_model_len=512, max_num_seqs=64)
 
@@ -127,32 +130,31 @@ def test_vllm_translate_resumes_a_killed_run(served, small_shards, tmp_path):
     assert summary.engine == "vllm" and summary.encoder_calls >= 1
 
 
-def test_mcat_translate_engine_vllm_from_the_command_line(tiny_config, small_shards, tmp_path, capsys):
-    """An MCAT checkpoint is exported next to the output once and served; its outputs are the fast
-    engine's. The command line starts its own engine."""
+def test_mcat_translate_engine_vllm_on_two_ranks_from_the_command_line(tiny_config, small_shards, tmp_path, capsys):
+    """torchrun, two ranks, each its own engine: rank 0 exports the MCAT checkpoint next to the output
+    once, both serve it, rank 0 merges; the outputs are one fast-engine process's."""
     checkpoint = write_trained_checkpoint(tiny_config("gemma2", "model.llm.train_embeddings=tags"), tmp_path / "ckpt")
-    common = ["--data", str(small_shards), "--task", "asr", "--max-new-tokens", "6", "--no-repeat-ngram-size", "3",
-              "--dtype", "fp32"]
+    common = ["--data", str(small_shards), "--task", "asr", "--max-new-tokens", "6", "--no-repeat-ngram-size", "3"]
     fast = tmp_path / "fast.jsonl"
     assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(fast), *common]) == 0
     out = tmp_path / "vllm.jsonl"
-    vllm_flags = ["--engine", "vllm", "--gpu-memory-utilization", "0.1", "--max-model-len", "512"]
-    assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(out), *common, *vllm_flags]) == 0
-    assert (tmp_path / "vllm.jsonl.export" / "speech" / "speech.json").is_file()
-    assert "exporting" in capsys.readouterr().err
+    vllm_flags = ["--engine", "vllm", "--gpu-memory-utilization", "0.1", "--max-model-len", "512", "--dtype", "fp32"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+               "-m", "mcat_ds.cli", "translate", "--checkpoint", str(checkpoint), "--out", str(out), *common, *vllm_flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exporting" in result.stderr and (tmp_path / "vllm.jsonl.export" / "speech" / "speech.json").is_file()
     assert [(r["id"], r["output"]) for r in read_jsonl(out)] == [(r["id"], r["output"]) for r in read_jsonl(fast)]
     summary = json.loads((tmp_path / "vllm.jsonl.summary.json").read_text())
-    assert summary["engine"] == "vllm" and summary["already_done"] == 0
+    assert summary["engine"] == "vllm" and summary["written"] < summary["requests"]  # rank 0's share
 
-    # run again: the export is reused and every output is already there
+    # again: every output is there, so nothing loads (no engine start)
     assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(out), *common, *vllm_flags]) == 0
-    assert "serving the export in" in capsys.readouterr().err
-    summary = json.loads((tmp_path / "vllm.jsonl.summary.json").read_text())
-    assert summary["already_done"] == summary["requests"] and summary["written"] == 0
-
-    # a second export in another dtype into the same folder is refused before any engine starts
-    assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(out), *common[:-2],
-                 "--dtype", "bf16", *vllm_flags]) == 2
+    assert "already in" in capsys.readouterr().out
+    # an export in another dtype in the same folder is refused
+    (tmp_path / "more.jsonl").write_text("")
+    assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "more.jsonl"),
+                 "--export-dir", str(tmp_path / "vllm.jsonl.export"), *common, *vllm_flags[:-1], "bf16"]) == 2
     assert "holds an export of" in capsys.readouterr().err
 
 

@@ -146,7 +146,7 @@ def run_vllm(model: MCATModel, lengths, prompts, config: InferenceBenchConfig, w
     engine = VllmEngine(work_dir, max_new_tokens=config.max_new_tokens, no_repeat_ngram_size=0,
                         eos_token_id=model.eos_token_id, dtype=str(config.dtype).split(".")[-1],
                         settings=VllmSettings(max_num_seqs=config.vllm_max_seqs, gpu_memory_utilization=config.vllm_memory,
-                                              max_model_len=512))
+                                              max_model_len=512, load_tokenizer=False))
     start_seconds = time.perf_counter() - started
     _synchronize(config.device)
     started = time.perf_counter()

@@ -33,6 +33,7 @@ from mcat_ds.config import AdapterConfig, from_dict
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import dense_attn_implementation
 from mcat_ds.model.encoder import SpeechEncoder
+from mcat_ds.model.mcat import encode_speech
 
 LLM_DIR = "llm"
 SPEECH_DIR = "speech"
@@ -144,10 +145,7 @@ class ExportedSpeech(nn.Module):
     def speech_embeddings(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
         """(B, num_mel_bins, window) log-mel features -> (B, num_speech_tokens, llm_width), what
         ``MCATModel.speech_embeddings`` gives, rescaled from ``inputs_embeds`` to the first layer."""
-        states, state_lengths = self.encoder(features, feature_lengths)
-        if not self.mask_padding_frames:
-            state_lengths = torch.full_like(state_lengths, states.shape[1])
-        return self.adapter(states.to(self.adapter.queries.dtype), state_lengths) * self.scale
+        return encode_speech(self.encoder, self.adapter, features, feature_lengths, self.mask_padding_frames) * self.scale
 
 
 def load_exported_speech_side(directory: str | Path, dtype: torch.dtype = torch.float32) -> ExportedSpeech:

@@ -8,7 +8,11 @@ What makes it fast:
 - the ``fast`` decoder is a greedy loop over the LLM's KV cache that computes the LM head for the last
   position only (Gemma's vocabulary is 256k: full-prompt logits would dwarf the prompt's compute) and
   drops finished sequences from the batch and the cache, so they stop costing compute. It gives the
-  tokens HF ``generate`` gives (greedy, same no-repeat n-gram rule); beam search uses ``generate``.
+  tokens HF ``generate`` gives (greedy, same no-repeat n-gram rule); beam search uses ``generate``;
+- ``vllm`` (``mcat_ds.infer.vllm_engine``) hands a chunk's requests to vLLM's scheduler at once.
+
+The speech side (an ``MCATModel``, or an export's ``ExportedSpeech`` for vLLM) and the engine are
+separate: the loop below reads, encodes, plans and writes the same way for every engine.
 
 Output: one JSON line per request, with at least ``id``, ``src``, ``tgt``, ``hyp`` (the translation;
 the transcript for ASR), ``hyp_transcript`` (SRT), ``ref`` and ``src_ref`` (reference translation
@@ -99,6 +103,8 @@ def pin_vllm_devices(local_rank: int, tensor_parallel: int) -> None:
     first = local_rank * tensor_parallel
     if visible:
         devices = visible.split(",")
+        if len(devices) == tensor_parallel:
+            return  # the launcher bound this rank's GPUs already (srun with GPU binding)
         if len(devices) < first + tensor_parallel:
             raise ValueError(f"local rank {local_rank} with --tensor-parallel {tensor_parallel} needs "
                              f"{first + tensor_parallel} GPUs; CUDA_VISIBLE_DEVICES={visible} shows {len(devices)}")
@@ -156,6 +162,13 @@ def _part_path(out: Path, rank: int) -> Path:
 def _part_paths(out: Path) -> list[Path]:
     """Every rank's part file, whatever the world size of the run that wrote them."""
     return sorted(out.parent.glob(f"{out.name}.part*"))
+
+
+def pending_requests(out: str | Path, requests: list[Request]) -> list[Request]:
+    """The requests whose outputs are in neither ``out`` nor a part file of an interrupted run."""
+    out = Path(out)
+    done = _read_done([out, *_part_paths(out)])
+    return [r for r in requests if r.id not in done]
 
 
 def _utterance_chunks(pending: dict[int, list[Request]], entries: list[IndexEntry], requests_limit: int,

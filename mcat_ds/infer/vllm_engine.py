@@ -82,6 +82,8 @@ class VllmSettings:
     enforce_eager: bool = False
     """True skips CUDA graph capture (faster start, slower decode); always on for the CPU build."""
     seed: int = 0
+    load_tokenizer: bool = True
+    """False for an LLM folder without a tokenizer (vLLM then warns at start that it has none)."""
 
 
 class VllmEngine:
@@ -97,7 +99,9 @@ class VllmEngine:
         self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
         self.engine = LLM(
             model=str(llm_dir), dtype=dtype, seed=settings.seed,
-            skip_tokenizer_init=True,  # ids in, ids out: translate tokenizes and decodes with the export's
+            # ids go in and come out (translate tokenizes and decodes); a folder without a tokenizer
+            # (the benchmark's random LLM) can skip it
+            skip_tokenizer_init=not settings.load_tokenizer,
             enable_prompt_embeds=True,
             # prompts start with speech rows, which differ per utterance: nothing to share
             enable_prefix_caching=False,

@@ -62,6 +62,16 @@ class GenerationOptions:
     length_penalty: float = 1.0
 
 
+def encode_speech(encoder: SpeechEncoder, adapter: SpeechAdapter, features: torch.Tensor,
+                  feature_lengths: torch.Tensor, mask_padding_frames: bool) -> torch.Tensor:
+    """Encoder then adapter, unscaled: (B, num_mel_bins, window) -> (B, num_speech_tokens, llm_width).
+    Without ``mask_padding_frames`` the adapter attends to every frame, padding included (the release)."""
+    states, state_lengths = encoder(features, feature_lengths)
+    if not mask_padding_frames:
+        state_lengths = torch.full_like(state_lengths, states.shape[1])
+    return adapter(states.to(adapter.queries.dtype), state_lengths)
+
+
 class MCATModel(nn.Module):
     """Plain module: no files, no ranks. Build it with ``mcat_ds.build``.
 
@@ -113,11 +123,8 @@ class MCATModel(nn.Module):
 
     def speech_embeddings(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
         """(B, num_mel_bins, window) log-mel features -> (B, num_speech_tokens, llm_width)."""
-        states, state_lengths = self.encoder(features, feature_lengths)
-        if not self.mask_padding_frames:
-            state_lengths = torch.full_like(state_lengths, states.shape[1])
-        adapter_dtype = self.adapter.queries.dtype
-        return self.adapter(states.to(adapter_dtype), state_lengths) * self.speech_input_scale
+        return encode_speech(self.encoder, self.adapter, features, feature_lengths,
+                             self.mask_padding_frames) * self.speech_input_scale
 
     def input_embeddings(self, batch: LLMBatch, speech: torch.Tensor) -> torch.Tensor:
         tokens = self.llm.get_input_embeddings()(batch.input_ids)
