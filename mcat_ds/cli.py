@@ -199,17 +199,18 @@ def _vllm_export(args: argparse.Namespace, dtype: str, rank: int, barrier) -> st
     if is_export(args.checkpoint):
         return args.checkpoint
     target = Path(args.export_dir or f"{args.out}.export")
-    if rank == 0:
-        if is_export(target):
-            description = read_export_description(target)
-            if (description["exported_from"], description["dtype"]) != (str(args.checkpoint), dtype):
-                raise ValueError(f"--export-dir {target} holds an export of {description['exported_from']} in "
-                                 f"{description['dtype']}, not of {args.checkpoint} in {dtype}: remove it or pick another")
+    source = str(Path(args.checkpoint).resolve())
+    if is_export(target):  # checked on every rank, so that none waits on a rank 0 that failed here
+        description = read_export_description(target)
+        if (str(Path(description["exported_from"]).resolve()), description["dtype"]) != (source, dtype):
+            raise ValueError(f"--export-dir {target} holds an export of {description['exported_from']} in "
+                             f"{description['dtype']}, not of {args.checkpoint} in {dtype}: remove it or pick another")
+        if rank == 0:
             print(f"mcat translate: serving the export in {target}", file=sys.stderr, flush=True)
-        else:
-            print(f"mcat translate: exporting {args.checkpoint} ({dtype}) to {target} for vLLM", file=sys.stderr, flush=True)
-            export_checkpoint(args.checkpoint, target, dtype, encoder_checkpoint=args.encoder_checkpoint,
-                              llm_checkpoint=args.llm_checkpoint)
+    elif rank == 0:
+        print(f"mcat translate: exporting {args.checkpoint} ({dtype}) to {target} for vLLM", file=sys.stderr, flush=True)
+        export_checkpoint(source, target, dtype, encoder_checkpoint=args.encoder_checkpoint,
+                          llm_checkpoint=args.llm_checkpoint)
     if barrier is not None:
         barrier()
     return str(target)
@@ -220,17 +221,21 @@ def translate(args: argparse.Namespace) -> int:
 
     from mcat_ds.data.shards import load_index
     from mcat_ds.infer.requests import DEFAULT_BATCH, TranslateConfig, plan_requests
+    from datetime import timedelta
     from pathlib import Path
 
-    from mcat_ds.infer.translate import merge_outputs, pending_requests, pin_vllm_devices
-    from mcat_ds.rendezvous import prepare_rendezvous, rendezvous_environment
+    from mcat_ds.rendezvous import prepare_rendezvous, rank_gpus, rendezvous_environment
 
     world = {**os.environ, **rendezvous_environment(dict(os.environ))}
     rank, world_size = int(world["RANK"]), int(world["WORLD_SIZE"])
     if args.engine == "vllm" and world_size > 1:
-        # before torch touches CUDA: each rank's engine sees only its own GPUs
-        pin_vllm_devices(int(world.get("LOCAL_RANK", 0)), args.tensor_parallel)
+        # each rank's engine sees only its own GPUs; set before the first CUDA call (importing torch
+        # does not make one)
+        os.environ["CUDA_VISIBLE_DEVICES"] = rank_gpus(world, int(world.get("LOCAL_RANK", 0)),
+                                                       int(world.get("LOCAL_WORLD_SIZE", 1)), args.tensor_parallel)
     import torch
+
+    from mcat_ds.infer.translate import merge_outputs, pending_requests
 
     generation = _generation_settings(args.checkpoint)
     config = TranslateConfig(
@@ -253,9 +258,10 @@ def translate(args: argparse.Namespace) -> int:
         chosen = prepare_rendezvous(os.environ)
         if rank == 0:
             print(f"mcat translate: {chosen}", file=sys.stderr, flush=True)
-        # vLLM's workers own the GPUs; the ranks only need a barrier
+        # vLLM's workers own the GPUs; the ranks only need a barrier, and may wait at it while rank 0
+        # exports a 27B checkpoint for vLLM (load, merge, write ~55 GB)
         backend = "nccl" if torch.cuda.is_available() and config.engine != "vllm" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(hours=3) if config.engine == "vllm" else None)
         barrier = dist.barrier
     data = _translate_data(args, prepare=rank == 0)
     if barrier is not None:
@@ -263,9 +269,10 @@ def translate(args: argparse.Namespace) -> int:
     requests = plan_requests(load_index(data), config)
     if not requests:
         raise ValueError(f"no {args.task} requests in {data} for --directions {args.directions}")
-    if not pending_requests(args.out, requests):  # a finished run again: no weights to load
-        if barrier is not None:
-            barrier()
+    finished = not pending_requests(args.out, requests)
+    if barrier is not None:
+        barrier()  # every rank has decided before any writes
+    if finished:  # a finished run again: no weights to load
         if rank == 0:
             merge_outputs(Path(args.out), requests)
             print(f"mcat translate: all {len(requests)} outputs are already in {args.out}")
@@ -292,7 +299,9 @@ def translate(args: argparse.Namespace) -> int:
                                 gpu_memory_utilization=args.gpu_memory_utilization)
         engine = VllmEngine(export, max_new_tokens=config.max_new_tokens,
                             no_repeat_ngram_size=config.no_repeat_ngram_size,
-                            eos_token_id=speech_side.description["eos_token_id"], dtype=export_dtype, settings=settings)
+                            # exports before eos_token_id was recorded: the tokenizer's is the same id
+                            eos_token_id=speech_side.description.get("eos_token_id", hf_tokenizer.eos_token_id),
+                            dtype=export_dtype, settings=settings)
     else:
         from mcat_ds.checkpoint import load_checkpoint
         from mcat_ds.infer.translate import TorchEngine

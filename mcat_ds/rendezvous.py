@@ -25,7 +25,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 
 TIMEOUT_ENV = "MCAT_RENDEZVOUS_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -60,6 +60,26 @@ def rendezvous_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
             "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
             "MASTER_PORT": environ.get("MASTER_PORT", str(free_port()))}
+
+
+def rank_gpus(environ: Mapping[str, str], local_rank: int, local_world_size: int, gpus_per_rank: int) -> str:
+    """The CUDA_VISIBLE_DEVICES of a rank that drives ``gpus_per_rank`` GPUs itself (a vLLM engine,
+    which places its workers from device 0 of what it sees): local rank r takes GPUs
+    [r*n, (r+1)*n) of what the node shows. Under srun with GPU binding each task already sees
+    exactly its own n, which are kept. Set it before anything initialises CUDA."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    first = local_rank * gpus_per_rank
+    if not visible:
+        return ",".join(str(index) for index in range(first, first + gpus_per_rank))
+    devices = visible.split(",")
+    if len(devices) >= local_world_size * gpus_per_rank:
+        return ",".join(devices[first:first + gpus_per_rank])
+    bound_by_srun = "SLURM_LOCALID" in environ and "TORCHELASTIC_RUN_ID" not in environ
+    if bound_by_srun and len(devices) == gpus_per_rank:
+        return visible
+    raise RendezvousError(f"{local_world_size} processes on this node with {gpus_per_rank} GPUs each need "
+                          f"{local_world_size * gpus_per_rank} GPUs; CUDA_VISIBLE_DEVICES={visible} shows {len(devices)} "
+                          f"(start fewer processes per node: GPUs / --tensor-parallel)")
 
 
 def _resolve(address: str, port: int) -> list[str]:

@@ -1,7 +1,6 @@
 """mcat translate: the fast decoder equals HF generate, one encoder pass per utterance, resume, ranks."""
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -234,21 +233,20 @@ def test_long_audio_is_trimmed_to_the_window_and_counted_or_skipped(tiny_checkpo
     assert len(skipped) == 2 and not summary["trimmed_audio"]
 
 
-def test_each_vllm_rank_sees_its_own_gpus(monkeypatch):
-    from mcat_ds.infer.translate import pin_vllm_devices
+def test_each_vllm_rank_sees_its_own_gpus():
+    from mcat_ds.rendezvous import RendezvousError, rank_gpus
 
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    pin_vllm_devices(local_rank=3, tensor_parallel=2)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    pin_vllm_devices(local_rank=1, tensor_parallel=2)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # srun bound one GPU to this task
-    pin_vllm_devices(local_rank=1, tensor_parallel=1)
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    with pytest.raises(ValueError, match="needs 4 GPUs"):
-        pin_vllm_devices(local_rank=1, tensor_parallel=2)
+    assert rank_gpus({}, local_rank=3, local_world_size=4, gpus_per_rank=2) == "6,7"
+    assert rank_gpus({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, local_rank=1, local_world_size=2, gpus_per_rank=2) == "6,7"
+    # srun with GPU binding gave this task its GPU: kept
+    bound = {"CUDA_VISIBLE_DEVICES": "5", "SLURM_LOCALID": "1"}
+    assert rank_gpus(bound, local_rank=1, local_world_size=8, gpus_per_rank=1) == "5"
+    # torchrun, two GPUs visible, two ranks of two GPUs each: refused, not one pair shared by both
+    with pytest.raises(RendezvousError, match="need 4 GPUs"):
+        rank_gpus({"CUDA_VISIBLE_DEVICES": "0,1", "TORCHELASTIC_RUN_ID": "x"}, local_rank=0, local_world_size=2,
+                  gpus_per_rank=2)
+    with pytest.raises(RendezvousError, match="GPUs / --tensor-parallel"):
+        rank_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2"}, local_rank=1, local_world_size=2, gpus_per_rank=2)
 
 
 def test_vllm_refuses_beams_before_loading_anything(tiny_checkpoint, small_shards, tmp_path, capsys):

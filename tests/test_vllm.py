@@ -104,6 +104,22 @@ def test_vllm_decodes_the_tokens_of_the_fast_engine_and_hf_generate(served, smal
     assert [(r["id"], r["output"]) for r in read_jsonl(tmp_path / "plain.jsonl")] != outputs["vllm"]
 
 
+def test_the_no_repeat_history_bans_what_hf_bans():
+    """The processor's incremental n-gram table against the rule the fast loop uses (HF's), step by step."""
+    import random
+
+    from mcat_ds.infer.decoding import banned_ngram_tokens
+    from mcat_ds.infer.vllm_engine import _NgramHistory
+
+    rng = random.Random(0)
+    for size in (1, 2, 3, 5):
+        generated = []
+        history = _NgramHistory(size, generated)
+        for _ in range(60):
+            assert history.banned() == set(banned_ngram_tokens(generated, size))
+            generated.append(rng.randrange(4))  # a small vocabulary repeats n-grams often
+
+
 def test_vllm_speech_rows_are_what_the_first_layer_sees(served):
     """The export's speech side scales for the first layer; the MCAT model's for inputs_embeds."""
     features, lengths = random_features(2, [500, 120])
@@ -112,6 +128,18 @@ def test_vllm_speech_rows_are_what_the_first_layer_sees(served):
         exported = served.speech.speech_embeddings(features, lengths)
     description = served.speech.description
     torch.testing.assert_close(exported, ours / description["speech_input_scale"] * description["speech_first_layer_scale"])
+
+
+def test_vllm_refuses_requests_longer_than_max_model_len(served):
+    """vLLM would end them early without a word; the engine says so before decoding."""
+    from mcat_ds.batching import TokenizedExample
+    from mcat_ds.infer.decoding import DecodeCounters
+
+    engine = served.engine
+    engine.set_generation(500, 0, served.tokenizer.hf.eos_token_id)  # max_model_len is 512
+    speech = torch.zeros(1, served.speech.num_speech_tokens, served.speech.description["llm_width"])
+    with pytest.raises(ValueError, match="exceeds --max-model-len 512"):
+        engine.decode(speech, [TokenizedExample((2, 5, 6))], DecodeCounters())
 
 
 def test_vllm_translate_resumes_a_killed_run(served, small_shards, tmp_path):

