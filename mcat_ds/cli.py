@@ -291,7 +291,7 @@ def translate(args: argparse.Namespace) -> int:
         from mcat_ds.infer.export import LLM_DIR, load_exported_speech_side
         from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
 
-        export_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype_name]
+        export_dtype = str(dtype).removeprefix("torch.")  # the names export and vLLM take
         export = _vllm_export(args, export_dtype, rank, barrier)
         speech_side = load_exported_speech_side(export, dtype).to(device)
         hf_tokenizer = AutoTokenizer.from_pretrained(os.path.join(export, LLM_DIR))

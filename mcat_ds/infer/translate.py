@@ -32,9 +32,9 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Protocol
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 

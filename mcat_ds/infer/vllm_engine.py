@@ -29,7 +29,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from mcat_ds.batching import TokenizedExample
 from mcat_ds.infer.decoding import DecodeCounters
-from mcat_ds.infer.export import LLM_DIR
+from mcat_ds.infer.export import DTYPES, LLM_DIR
 
 NO_REPEAT_KEY = "no_repeat_ngram_size"
 """The per-request ``SamplingParams.extra_args`` key the logits processor reads."""
@@ -127,7 +127,7 @@ class VllmEngine:
         llm_dir = Path(export_dir) / LLM_DIR
         on_cpu = not torch.cuda.is_available()
         self.max_model_len = settings.max_model_len
-        self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+        self.dtype = DTYPES[dtype]
         self.engine = LLM(
             model=str(llm_dir), dtype=dtype, seed=settings.seed,
             # ids go in and come out (translate tokenizes and decodes); a folder without a tokenizer
