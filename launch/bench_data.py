@@ -7,7 +7,9 @@
 Rows are appended to benchmarks/data.csv (device, date, commit, shape, implementation, value, ratio).
 """
 
-from mcat_ds.bench.data import main
+import sys
+
+from mcat_ds.optional import run_main
 
 if __name__ == "__main__":
-    main(description=__doc__)
+    sys.exit(run_main("mcat_ds.bench.data:main", description=__doc__))

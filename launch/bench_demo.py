@@ -9,7 +9,7 @@ split, dev voice), the srt stage's target-tag accuracy, seconds, package version
 
 import sys
 
-from mcat_ds.bench.demo import main
+from mcat_ds.optional import run_main
 
 if __name__ == "__main__":
-    sys.exit(main(description=__doc__))
+    sys.exit(run_main("mcat_ds.bench.demo:main", description=__doc__))

@@ -10,7 +10,9 @@ ratio is the speed-up over the case's baseline (SDPA for attention, the BLIP-2 r
 adapter); in ``GB_per_s`` rows it is the fraction of the device's memory roofline.
 """
 
-from mcat_ds.bench.kernels import main
+import sys
+
+from mcat_ds.optional import run_main
 
 if __name__ == "__main__":
-    main(description=__doc__)
+    sys.exit(run_main("mcat_ds.bench.kernels:main", description=__doc__))

@@ -11,7 +11,9 @@ Rows (device, date, commit, shape, implementation, metric, value, ratio) are app
 benchmarks/train.csv (none with --smoke unless --csv is given).
 """
 
-from mcat_ds.bench.train import main
+import sys
+
+from mcat_ds.optional import run_main
 
 if __name__ == "__main__":
-    main(description=__doc__)
+    sys.exit(run_main("mcat_ds.bench.train:main", description=__doc__))

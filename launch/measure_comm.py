@@ -4,7 +4,9 @@
     deepspeed --num_gpus 8 launch/measure_comm.py --preset small-9b --llm-layers 4
 """
 
-from mcat_ds.train.comm_volume import main
+import sys
+
+from mcat_ds.optional import run_main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main("mcat_ds.train.comm_volume:main"))

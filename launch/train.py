@@ -5,7 +5,7 @@ Everything it does lives in mcat_ds.train.run (see its docstring for the options
 
 import sys
 
-from mcat_ds.train.run import main
+from mcat_ds.optional import run_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("mcat_ds.train.run:main"))

@@ -7,6 +7,7 @@ import json
 import sys
 
 from mcat_ds.config import ConfigError
+from mcat_ds.optional import MissingDependency
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, default_preset: str, stage: bool = False) -> None:
@@ -474,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    except (ConfigError, KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError,
+            MissingDependency) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"mcat {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -47,10 +47,11 @@ class DataBenchConfig:
 def write_fleurs_like_shards(out: Path, count: int = 200, seed: int = 0,
                              seconds_range: tuple[float, float] = FLEURS_LIKE_SECONDS) -> Path:
     """Noise utterances with FLEURS-like lengths (uniform 3-25 s by default), prepared like real data."""
-    import soundfile
-
     from mcat_ds.data.prepare import prepare_shards
     from mcat_ds.data.sources import Utterance
+    from mcat_ds.optional import require
+
+    soundfile = require("soundfile")
 
     rng = np.random.default_rng(seed)
     audio = out / "audio"

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile
-import soxr
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.audio_utils import mel_filter_bank
+
+from mcat_ds.optional import require
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
@@ -26,8 +26,15 @@ class AudioError(ValueError):
     """The reason an audio file cannot be used, phrased for a report."""
 
 
+def require_audio_packages() -> None:
+    """Fails at once, in this process, where decoding would fail later in a worker (MissingDependency)."""
+    require("soundfile")
+    require("soxr")
+
+
 def decode_audio(source: str | Path | bytes) -> np.ndarray:
     """Mono float32 samples at 16 kHz from wav/flac/ogg (anything libsndfile reads)."""
+    soundfile = require("soundfile")
     try:
         data, rate = soundfile.read(io.BytesIO(source) if isinstance(source, bytes) else source,
                                     dtype="float32", always_2d=True)
@@ -35,7 +42,7 @@ def decode_audio(source: str | Path | bytes) -> np.ndarray:
         raise AudioError(f"unreadable audio: {error}") from None
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if rate != SAMPLE_RATE and mono.size:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="VHQ").astype(np.float32)
+        mono = require("soxr").resample(mono, rate, SAMPLE_RATE, quality="VHQ").astype(np.float32)
     return np.ascontiguousarray(mono)
 
 
@@ -56,7 +63,7 @@ def check_audio(samples: np.ndarray, max_seconds: float) -> float:
 def encode_flac(samples: np.ndarray) -> bytes:
     """16 kHz 16-bit FLAC: lossless for the 16-bit sources speech corpora ship, half a WAV's size."""
     buffer = io.BytesIO()
-    soundfile.write(buffer, samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    require("soundfile").write(buffer, samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return buffer.getvalue()
 
 

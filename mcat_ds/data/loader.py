@@ -18,7 +18,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mcat_ds.batching import LLMBatch, TokenizedExample, collate_examples, tokenize_example
-from mcat_ds.data.audio import AudioError, FeatureWindow, LogMelSpectrogram, decode_audio, feature_frames, pad_waveforms
+from mcat_ds.data.audio import (
+    AudioError,
+    FeatureWindow,
+    LogMelSpectrogram,
+    decode_audio,
+    feature_frames,
+    pad_waveforms,
+    require_audio_packages,
+)
 from mcat_ds.data.plan import PlannedExample
 from mcat_ds.data.shards import DataError, IndexEntry, ShardReader
 from mcat_ds.prompts import build_prompt, build_target
@@ -50,6 +58,7 @@ class ExampleDataset(Dataset):
         window: FeatureWindow,
         with_targets: bool = True,
     ):
+        require_audio_packages()  # the DataLoader's workers decode
         self.reader = ShardReader(directory)
         self.entries = entries
         self.examples = examples

@@ -22,10 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset
-
-from mcat_ds.data.audio import AudioError, check_audio, decode_audio, encode_flac
+from mcat_ds.data.audio import AudioError, check_audio, decode_audio, encode_flac, require_audio_packages
 from mcat_ds.data.sources import Skipped, Utterance
+from mcat_ds.optional import require
 
 INDEX_FILE = "index.jsonl"
 REPORT_FILE = "report.json"
@@ -81,6 +80,8 @@ def prepare_shards(
 ) -> dict:
     """Write shards, ``index.jsonl`` and ``report.json`` into ``out`` (which must hold no shards yet)
     and return the report."""
+    require_audio_packages()  # here, not in a worker process halfway through
+    shard_writer = require("webdataset").ShardWriter
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if list(out.glob("shard-*.tar")) or (out / INDEX_FILE).exists():
@@ -102,7 +103,7 @@ def prepare_shards(
                 yield record, max_seconds
 
     metadata: dict[str, dict] = {}
-    with webdataset.ShardWriter(str(out / SHARD_PATTERN), maxcount=limits.max_samples,
+    with shard_writer(str(out / SHARD_PATTERN), maxcount=limits.max_samples,
                                 maxsize=limits.max_bytes, verbose=0) as writer:
         for utterance, flac, result in _encoded(jobs(), workers):
             if flac is None:

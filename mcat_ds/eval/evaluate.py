@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcat_ds.languages import LANGUAGES
+from mcat_ds.optional import require
 from mcat_ds.prompts import SRTSplitRule, split_srt
 
 DIRECTION_COLUMNS = ("iso3", "n", "spbleu", "chrf", "comet", "wer", "cer")
@@ -127,8 +128,7 @@ def sentence_chrf(hyp: str, ref: str) -> float:
 
 def error_rates(hyps: Sequence[str], refs: Sequence[str]) -> tuple[float, float]:
     """(WER, CER) in percent over the corpus (jiwer)."""
-    import jiwer
-
+    jiwer = require("jiwer")
     pairs = [(h, r) for h, r in zip(hyps, refs) if r and r.strip()]
     if not pairs:
         return math.nan, math.nan
@@ -138,10 +138,7 @@ def error_rates(hyps: Sequence[str], refs: Sequence[str]) -> tuple[float, float]
 
 def comet_scores(model_path: str | Path, triples: list[tuple[str, str, str]], batch_size: int = 64) -> list[float]:
     """Segment scores (0-1) of (src, mt, ref) triples with a local COMET checkpoint."""
-    try:
-        from comet import load_from_checkpoint
-    except ImportError as error:
-        raise EvaluationError(f"COMET needs unbabel-comet: pip install -e '.[comet]' ({error})") from None
+    load_from_checkpoint = require("comet").load_from_checkpoint
     import torch
 
     path = Path(model_path)

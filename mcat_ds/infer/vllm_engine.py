@@ -21,15 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import vllm
-from vllm import LLM, SamplingParams
-from vllm.inputs import EmbedsPrompt
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
-from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from mcat_ds.batching import TokenizedExample
 from mcat_ds.infer.decoding import DecodeCounters
 from mcat_ds.infer.export import DTYPES, LLM_DIR
+from mcat_ds.optional import require
+
+vllm = require("vllm")
+from vllm import LLM, SamplingParams  # noqa: E402 (after the check that says how to install it)
+from vllm.inputs import EmbedsPrompt  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
 
 NO_REPEAT_KEY = "no_repeat_ngram_size"
 """The per-request ``SamplingParams.extra_args`` key the logits processor reads."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-import deepspeed
 import torch
 
 from mcat_ds.batching import collate_examples
@@ -21,6 +20,9 @@ from mcat_ds.presets import get_preset
 from mcat_ds.train.distributed import remove_shared_memory_buffers, setup_distributed
 from mcat_ds.train.engine import deepspeed_config, make_optimizer
 from mcat_ds.bench.train import TrainBenchConfig, workload
+from mcat_ds.optional import require
+
+deepspeed = require("deepspeed")
 
 
 def measure(preset: str = "tiny", engine: str = "zero2_bf16", steps: int = 3, llm_layers: int | None = None) -> dict:

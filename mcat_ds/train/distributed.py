@@ -7,13 +7,15 @@ import os
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
+from mcat_ds.optional import require
 from mcat_ds.rendezvous import free_port, prepare_rendezvous, rendezvous_environment  # noqa: F401 (re-exported)
 from mcat_ds.train.preemption import signal_received
 from mcat_ds.train.stage import Placement
+
+deepspeed = require("deepspeed")
 
 
 def setup_distributed() -> Placement:

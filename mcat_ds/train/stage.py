@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from mcat_ds.build import CheckpointError, build_model, count_parameters
 from mcat_ds.model.checkpointing import enable_activation_checkpointing
+from mcat_ds.optional import require
 from mcat_ds.checkpoint import CONFIG_FILE, load_trainable_weights, run_environment, save_checkpoint
 from mcat_ds.config import ConfigError, MCATConfig
 from mcat_ds.curriculum import example_selection
@@ -219,7 +219,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
         enable_activation_checkpointing(model.llm, config.runtime.checkpointing_policy)
     model.to(placement.device)
     optimizer = make_optimizer(model, config, placement.on_gpu, offloaded=bool(zero.get("offload_optimizer")))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, *_ = require("deepspeed").initialize(model=model, optimizer=optimizer, config=ds_config)
     window = FeatureWindow(model.encoder.num_mel_bins, model.encoder.window_frames)
     log_mel = LogMelSpectrogram(window).to(placement.device)
     stream = _ExampleStream(config, Path(config.data.path), entries, tokenizer.hf, window,

@@ -26,10 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (
+
+from mcat_ds.optional import require
+
+deepspeed = require("deepspeed")
+from deepspeed.utils import (  # noqa: E402 (after the check that says how to install it)
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
