@@ -7,14 +7,16 @@ length: for FLEURS-like utterances (10 s in a 30 s window) two thirds of the fra
 not computed and masked. The backward pass recomputes the probabilities from the saved
 log-sum-exp.
 
-Launch configuration, chosen from the H100's numbers (no GPU was available to tune on):
-- The op is memory bound: at 32 x 12 heads x 150 x 1500 x 64 in bf16 it reads 160 MB of K/V and
-  does 22 GFLOP, i.e. ~48 us at 3.35 TB/s against ~22 us at 989 TFLOP/s. So the forward pass
-  covers all queries of a (sample, head) in one program (BLOCK_M = the next power of two >= Nq,
-  at most 256): K and V are read from HBM exactly once. 150 queries in a 256-row block leave 41%
-  of the rows idle, which costs tensor-core time the op has to spare.
-- BLOCK_N = 64 keys per step keeps the fp32 score tile (256 x 64) and the accumulator (256 x D)
-  in registers with 8 warps for D = 64; D = 128 halves BLOCK_M to stay within registers.
+Launch configuration (``FORWARD_LAUNCHES``, ``DKDV_LAUNCH``, ``DQ_LAUNCH``; the arithmetic is in
+kernels/README.md):
+- At 32 x 12 heads x 150 x 1500 x 64 in bf16 the forward pass is bound by its tensor-core and exp2
+  work, not by its 150 MB of K/V: rows of a query block that hold no query cost as much as real ones.
+  So BLOCK_M is 64 or 32 (22% or 6% of the rows idle for 150 queries, against 41% at 256), and
+  ``triton.autotune`` picks among a few configurations, each free of register spills on sm_90a.
+  The query blocks of one (sample, head) are neighbours in the grid, so their K/V reads hit L2.
+- fp32 inputs take IEEE fp32 dots, which need far more registers: a tile of at most 32 x 32 or 16 x 64.
+- Batch and head offsets are int64: varlen K/V (all cross-attention layers in one (B, T, 8 x 768)
+  tensor) pass 2**31 elements from ~234 utterances at T = 1500.
 - Backward: one program per key block computes dK, dV (reading Q, dO once per key block); one
   program per query block computes dQ. No atomics, so results are deterministic.
 """
@@ -22,6 +24,7 @@ Launch configuration, chosen from the H100's numbers (no GPU was available to tu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +65,7 @@ def _cross_attention_forward(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     block_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # b * stride_kb passes 2**31 from ~234 utterances of varlen K/V
     b = bh // num_heads
     h = bh % num_heads
     length = tl.load(LENGTHS + b)
@@ -107,7 +110,7 @@ def _cross_attention_backward_preprocess(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     block_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # b * stride_kb passes 2**31 from ~234 utterances of varlen K/V
     b = bh // num_heads
     h = bh % num_heads
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,7 +136,7 @@ def _cross_attention_backward_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     block_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # b * stride_kb passes 2**31 from ~234 utterances of varlen K/V
     b = bh // num_heads
     h = bh % num_heads
     length = tl.load(LENGTHS + b)
@@ -181,7 +184,7 @@ def _cross_attention_backward_dq(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     block_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # b * stride_kb passes 2**31 from ~234 utterances of varlen K/V
     b = bh // num_heads
     h = bh % num_heads
     length = tl.load(LENGTHS + b)
@@ -216,15 +219,84 @@ def _cross_attention_backward_dq(
 LOG2E = 1.4426950408889634
 
 
-def _forward_blocks(num_queries: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for the forward pass (see the module docstring)."""
-    cap = 256 if head_dim <= 64 else 128
-    block_m = min(cap, max(16, triton.next_power_of_2(num_queries)))
-    return block_m, 64, 8 if block_m >= 128 else 4
+@dataclass(frozen=True)
+class Launch:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 2
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}, {self.num_warps} warps, {self.num_stages} stages"
+
+
+def _launch_key(fp32_dot: bool, head_dim: int) -> tuple[bool, int]:
+    return fp32_dot, 64 if head_dim <= 64 else 128
+
+
+# Every configuration below compiles for sm_90a without a register spill, with Triton 3.6 (the GPU
+# image's) and 3.9 (CI's) alike (ptxas' counts, listed by `python -m mcat_kernels.compiled` and checked
+# by tests/test_kernels.py; the register counts quoted are 3.9's), except the fp32 dK/dV
+# ones: with IEEE fp32 dots every configuration tried spills there, these least (fp32 trains nowhere;
+# it is the exact check). BLOCK_M = 64 leaves 22% of 150 queries' rows idle (192 computed), 32 leaves
+# 6% (160); the old 256 left 41%, and the forward pass is bound by its tensor-core and exp2 work, not
+# by memory (README, "Kernels"), so idle rows are time lost.
+FORWARD_LAUNCHES: dict[tuple[bool, int], tuple[Launch, ...]] = {
+    # (fp32 dots, head dim <= 64 or 128): the autotuner's choices on CUDA, the first one elsewhere
+    (False, 64): (Launch(64, 64, 4), Launch(64, 64, 8), Launch(32, 64, 4), Launch(64, 32, 4)),  # 161-201 regs
+    (False, 128): (Launch(64, 64, 8), Launch(64, 32, 4), Launch(32, 32, 4)),  # 168-191 regs
+    (True, 64): (Launch(32, 32, 4), Launch(16, 64, 4)),  # 153, 184 regs; 32x64 and up spill
+    (True, 128): (Launch(16, 64, 4),),  # 254 regs; 32x32 spills
+}
+DKDV_LAUNCH = {(False, 64): Launch(64, 64, 8), (False, 128): Launch(32, 32, 8),  # 32 x 32 x 4 spills on 3.6
+               (True, 64): Launch(16, 16, 4), (True, 128): Launch(16, 16, 4)}  # spill 456 and 4,576 bytes
+DQ_LAUNCH = {(False, 64): Launch(64, 64, 8), (False, 128): Launch(32, 32, 4),  # 154, 146 regs
+             (True, 64): Launch(32, 32, 4), (True, 128): Launch(32, 32, 4)}  # 118, 128 regs
+MAX_GRID_Y = 65_535
+"""CUDA's limit on the second grid dimension: one program row per (sample, head)."""
+_TUNED_FORWARD: dict[tuple[bool, int], object] = {}
+
+
+def _tuned_forward(key: tuple[bool, int]):
+    """The forward kernel under ``triton.autotune`` over FORWARD_LAUNCHES[key], timed once per number
+    of queries, head dim and dtype (the first call at a new shape pays ~1 s per configuration)."""
+    if key not in _TUNED_FORWARD:
+        configs = [triton.Config({"BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n}, num_warps=launch.num_warps,
+                                 num_stages=launch.num_stages) for launch in FORWARD_LAUNCHES[key]]
+        _TUNED_FORWARD[key] = triton.autotune(configs=configs, key=["num_queries", "HEAD_DIM"])(_cross_attention_forward)
+    return _TUNED_FORWARD[key]
+
+
+def forward_launch(q: torch.Tensor) -> tuple[Launch, bool]:
+    """(launch, autotuned) the forward pass of inputs like ``q`` runs at: the autotuner's pick once it
+    has run at such a shape on CUDA, else the first of FORWARD_LAUNCHES (the interpreter's)."""
+    key = _launch_key(_fp32_dot(q), q.shape[-1])
+    best = getattr(_TUNED_FORWARD.get(key), "best_config", None)
+    if best is None:
+        return FORWARD_LAUNCHES[key][0], False
+    return Launch(best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages), True
 
 
 def _fp32_dot(q: torch.Tensor) -> bool:
     return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreter_active())
+
+
+def element_offset_bound(tensor: torch.Tensor) -> int:
+    """The largest offset, in elements, within one (sample, head) of a (B, H, N, D) view: what the
+    kernels add in int32 to the int64 base of the (sample, head)."""
+    return sum((size - 1) * stride for size, stride in zip(tensor.shape[2:], tensor.stride()[2:]))
+
+
+def check_launch_limits(batch: int, heads: int, *tensors: torch.Tensor) -> None:
+    """Batches the kernels can take: (sample, head) programs within CUDA's grid, and offsets inside one
+    (sample, head) within int32 (the batch and head offsets are int64 in the kernels)."""
+    if batch * heads > MAX_GRID_Y:
+        raise ValueError(f"{batch} samples x {heads} heads = {batch * heads} programs per row of the grid, more than "
+                         f"CUDA's {MAX_GRID_Y}: split the batch into pieces of at most {MAX_GRID_Y // heads}")
+    for tensor in tensors:
+        if element_offset_bound(tensor) >= 2**31:
+            raise ValueError(f"a (sample, head) slice of shape {tuple(tensor.shape[2:])} with strides "
+                             f"{tensor.stride()[2:]} spans more than 2**31 elements")
 
 
 def _check(q, k, v, key_lengths) -> None:
@@ -248,21 +320,28 @@ def _kernel_limitation(q) -> str | None:
     return None
 
 
-def cross_attention_forward(q, k, v, key_lengths, scale: float):
-    """Host launcher: (output, lse) with output like q and lse (B*H*Nq,) fp32 in base 2."""
+def cross_attention_forward(q, k, v, key_lengths, scale: float, launch: Launch | None = None):
+    """Host launcher: (output, lse, lengths) with output like q and lse (B*H*Nq,) fp32 in base 2.
+    On CUDA the autotuner picks among FORWARD_LAUNCHES unless ``launch`` says which; elsewhere (the
+    interpreter) the first of them runs."""
     batch, heads, num_queries, head_dim = q.shape
+    check_launch_limits(batch, heads, q, k, v)
     lengths = key_lengths.to(device=q.device, dtype=torch.int32).clamp(0, k.shape[2]).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(batch * heads * num_queries, device=q.device, dtype=torch.float32)
-    block_m, block_n, warps = _forward_blocks(num_queries, head_dim)
-    grid = (triton.cdiv(num_queries, block_m), batch * heads)
-    _cross_attention_forward[grid](
-        q, k, v, out, lse, lengths,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, num_queries, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q),
-        num_warps=warps,
-    )
+    fp32_dot = _fp32_dot(q)
+    key = _launch_key(fp32_dot, head_dim)
+    arguments = (q, k, v, out, lse, lengths, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                 heads, num_queries, scale * LOG2E)
+    if launch is None and q.is_cuda and not interpreter_active():
+        grid = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+        _tuned_forward(key)[grid](*arguments, HEAD_DIM=head_dim, FP32_DOT=fp32_dot)
+    else:
+        launch = launch or FORWARD_LAUNCHES[key][0]
+        _cross_attention_forward[(triton.cdiv(num_queries, launch.block_m), batch * heads)](
+            *arguments, HEAD_DIM=head_dim, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, FP32_DOT=fp32_dot,
+            num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )
     return out, lse, lengths
 
 
@@ -270,26 +349,28 @@ def cross_attention_backward(q, k, v, out, lse, lengths, grad_out, scale: float)
     batch, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     grad_out = grad_out.contiguous()
+    check_launch_limits(batch, heads, grad_out)
     delta = torch.empty_like(lse)
-    block_m = 64 if head_dim <= 64 else 32
-    block_n = 64 if head_dim <= 64 else 32
     fp32_dot = _fp32_dot(q)
-    _cross_attention_backward_preprocess[(triton.cdiv(num_queries, block_m), batch * heads)](
+    dkdv, dq_launch = DKDV_LAUNCH[_launch_key(fp32_dot, head_dim)], DQ_LAUNCH[_launch_key(fp32_dot, head_dim)]
+    _cross_attention_backward_preprocess[(triton.cdiv(num_queries, 64), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, num_queries,
-        HEAD_DIM=head_dim, BLOCK_M=block_m,
+        HEAD_DIM=head_dim, BLOCK_M=64,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _cross_attention_backward_dkdv[(triton.cdiv(num_keys, block_n), batch * heads)](
+    _cross_attention_backward_dkdv[(triton.cdiv(num_keys, dkdv.block_n), batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, lengths,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         heads, num_queries, num_keys, scale, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=fp32_dot, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, FP32_DOT=fp32_dot,
+        num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
     )
-    _cross_attention_backward_dq[(triton.cdiv(num_queries, block_m), batch * heads)](
+    _cross_attention_backward_dq[(triton.cdiv(num_queries, dq_launch.block_m), batch * heads)](
         q, k, v, grad_out, lse, delta, dq, lengths,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         heads, num_queries, scale, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=fp32_dot, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_M=dq_launch.block_m, BLOCK_N=dq_launch.block_n, FP32_DOT=fp32_dot,
+        num_warps=dq_launch.num_warps, num_stages=dq_launch.num_stages,
     )
     return dq, dk, dv
 

@@ -32,7 +32,7 @@ def _layernorm_pool_forward(
     groups, kept, channels, eps,
     STRIDE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    program = tl.program_id(0)
+    program = tl.program_id(0).to(tl.int64)  # b * stride_xb: int64, like every batch offset
     b = program // groups
     g = program % groups
     offsets = tl.arange(0, BLOCK_S)
@@ -62,7 +62,7 @@ def _layernorm_pool_backward(
     groups, kept, channels,
     STRIDE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    program = tl.program_id(0)
+    program = tl.program_id(0).to(tl.int64)  # b * stride_xb: int64, like every batch offset
     b = program // groups
     g = program % groups
     offsets = tl.arange(0, BLOCK_S)
@@ -89,6 +89,9 @@ def _layernorm_pool_backward(
     tl.store(DB_PARTIAL + program * channels + cols, tl.sum(dy, 0), mask=col_ok)
 
 
+NUM_WARPS = 4
+
+
 def _blocks(stride: int, channels: int) -> tuple[int, int]:
     return triton.next_power_of_2(stride), triton.next_power_of_2(channels)
 
@@ -109,7 +112,7 @@ class LayerNormPoolFunction(torch.autograd.Function):
             x_rows, r_rows, weight, bias, out, mean, rstd,
             x_rows.stride(0), x_rows.stride(1), r_rows.stride(0), r_rows.stride(1), out.stride(0), out.stride(1),
             groups, kept, channels, eps,
-            STRIDE=stride, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
+            STRIDE=stride, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=NUM_WARPS,
         )
         ctx.save_for_backward(x_rows, r_rows, weight, mean, rstd)
         ctx.stride, ctx.shape = stride, x.shape
@@ -132,7 +135,7 @@ class LayerNormPoolFunction(torch.autograd.Function):
             x.stride(0), x.stride(1), residual.stride(0), residual.stride(1),
             grad_out.stride(0), grad_out.stride(1), dx.stride(0), dx.stride(1),
             groups, kept, channels,
-            STRIDE=stride, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
+            STRIDE=stride, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=NUM_WARPS,
         )
         dw = dw_partial.sum(0).to(weight.dtype)
         db = db_partial.sum(0).to(weight.dtype)

@@ -3,14 +3,30 @@
 On CPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); on a GPU, compiled.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from conftest import REPO
 from blip2_reference import ReleaseQFormerPoolAdapter, randomize
 from mcat_ds.config import AdapterConfig
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.release import release_adapter_state
-from mcat_kernels.cross_attention import cross_attention_reference, qformer_cross_attention
+from mcat_kernels.cross_attention import (
+    DKDV_LAUNCH,
+    DQ_LAUNCH,
+    FORWARD_LAUNCHES,
+    MAX_GRID_Y,
+    check_launch_limits,
+    cross_attention_forward,
+    cross_attention_reference,
+    element_offset_bound,
+    qformer_cross_attention,
+)
 from mcat_kernels.layernorm_pool import layernorm_pool, layernorm_pool_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,30 +166,99 @@ def test_dispatch_falls_back_where_the_kernel_cannot_run_and_says_why_when_force
         qformer_cross_attention(q, q, q, lengths, implementation="cuda")
 
 
-def test_the_benchmark_shapes_run_at_the_launch_configuration_a_gpu_would_use(monkeypatch):
+def test_the_benchmark_shapes_run_in_the_interpreter_at_a_gpu_launch():
     """The benchmarks' shapes (150 queries x 1500 frames, head dim 64; 768 channels pooled by 5) in bf16,
-    with every launch's block sizes recorded: the same as a GPU's, since the launchers choose them from
-    the shapes alone. (The interpreter differs in one flag: bf16 dots accumulate as fp32 dots there.)"""
+    at the launch the interpreter takes: the first of those the GPU's autotuner chooses among. (The
+    interpreter differs in one flag: bf16 dots accumulate as fp32 dots there.)"""
     from mcat_ds.bench.kernels import KernelBenchConfig
-    from mcat_kernels import cross_attention, layernorm_pool as pool_module
+    from mcat_kernels import layernorm_pool as pool_module
 
     bench = KernelBenchConfig()
-    launched = {}
-    for module, name in ((cross_attention, "_forward_blocks"), (pool_module, "_blocks")):
-        original = getattr(module, name)
-
-        def record(*args, _original=original, _name=name):
-            launched[_name] = _original(*args)
-            return launched[_name]
-
-        monkeypatch.setattr(module, name, record)
     assert (bench.queries, bench.keys, bench.head_dim) == (150, 1500, 64)
     check_cross_attention(1, 2, bench.queries, bench.keys, bench.head_dim, [1500], torch.bfloat16)
-    assert launched["_forward_blocks"] == (256, 64, 8)  # all 150 queries of a head in one program, 8 warps
     x = torch.randn(1, 150, 768, device=DEVICE, dtype=torch.bfloat16)
     weight, bias = torch.rand(768, device=DEVICE) + 0.5, torch.randn(768, device=DEVICE)
     out = layernorm_pool(x, torch.zeros_like(x), weight.to(torch.bfloat16), bias.to(torch.bfloat16), 1e-12, 5,
                          implementation="triton")
     expected = layernorm_pool_reference(x.float(), torch.zeros_like(x).float(), weight, bias, 1e-12, 5)
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2)
-    assert launched["_blocks"] == (8, 1024)  # a whole 768-wide row per program
+    assert pool_module._blocks(5, 768) == (8, 1024)  # a whole 768-wide row per program
+
+
+@pytest.mark.parametrize("key", sorted(FORWARD_LAUNCHES))
+def test_every_forward_launch_the_autotuner_may_pick_is_correct(key):
+    fp32_dot, head_dim = key
+    dtype = torch.float32 if fp32_dot else torch.float16  # fp16: the non-fp32 dot path in the interpreter
+    q, k, v = (t.detach() for t in attention_inputs(2, 2, 150, 130, head_dim, dtype))
+    lengths = torch.tensor([130, 70], device=DEVICE)
+    expected = cross_attention_reference(q.float(), k.float(), v.float(), lengths)
+    atol, rtol = TOLERANCES[dtype]
+    for launch in FORWARD_LAUNCHES[key]:
+        out, _, _ = cross_attention_forward(q, k, v, lengths, q.shape[-1] ** -0.5, launch=launch)
+        torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol, msg=str(launch))
+
+
+def test_block_sizes_leave_few_query_rows_idle():
+    for launches in FORWARD_LAUNCHES.values():
+        for launch in launches:
+            computed = -(-150 // launch.block_m) * launch.block_m
+            assert 1 - 150 / computed < 0.25  # 64 rows: 22% idle; 32: 6%; 16: 4% (the old 256: 41%)
+    assert FORWARD_LAUNCHES[(False, 64)][0].block_m == 64  # the default off CUDA, and the autotuner's first
+    for (fp32_dot, _), launches in FORWARD_LAUNCHES.items():
+        if fp32_dot:  # IEEE fp32 dots spill past 1024 tile entries (see the compile test)
+            assert all(launch.block_m * launch.block_n <= 1024 for launch in launches)
+
+
+def test_the_largest_batch_the_launcher_accepts_needs_int64_batch_offsets_and_int32_within_a_head():
+    """small-9b's adapter: 12 heads, varlen K/V of 4 cross-attention layers (K and V: 8 x 768 wide) at
+    T = 1500. The launcher accepts up to CUDA's 65,535 (sample, head) programs per grid column."""
+    heads, frames, width = 12, 1500, 768
+    largest = MAX_GRID_Y // heads
+    check_launch_limits(largest, heads)
+    with pytest.raises(ValueError, match="split the batch"):
+        check_launch_limits(largest + 1, heads)
+    packed = torch.empty(2, frames, 8 * width, device="meta")  # the adapter's varlen layout, (B, T, 8 x 768)
+    k = packed[..., :width].view(2, frames, heads, width // heads).transpose(1, 2)
+    assert k.stride(0) == frames * 8 * width
+    assert (largest - 1) * k.stride(0) + (heads - 1) * k.stride(1) > 2**31 - 1  # the batch offset needs int64
+    assert 234 * k.stride(0) > 2**31 - 1 > 232 * k.stride(0)  # ... from ~234 utterances on
+    assert element_offset_bound(k) < 2**31  # what stays int32: the offsets within one (sample, head)
+    check_launch_limits(largest, heads, k)
+
+
+COMPILE_SCRIPT = """
+import json, re, sys
+from mcat_kernels.compiled import launch_configurations
+results = {}
+for label, compiled in launch_configurations():
+    strides = set(re.findall(r"%(stride_[a-z]+)\\b", compiled.ttir))
+    batch_strides = sorted(name for name in strides if re.fullmatch(r"stride_[a-z]*[bh]", name))
+    widened = sorted(name for name in batch_strides if f"arith.extsi %{name} : i32 to i64" in compiled.ttir)
+    results[label] = [compiled.registers, compiled.spill_bytes, batch_strides, widened]
+print(json.dumps(results))
+"""
+
+
+PYTHONS = [sys.executable] + ([os.environ["MCAT_GPU_IMAGE_PYTHON"]] if os.environ.get("MCAT_GPU_IMAGE_PYTHON") else [])
+"""This environment's Triton, and in CI also the GPU image's (3.6, in .venv-gpu-image)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("python", PYTHONS)
+def test_every_launch_compiles_for_sm90_without_spills_and_with_int64_batch_offsets(python, tmp_path):
+    """Triton compiles for sm_90a without a GPU (its wheel has ptxas): every configuration the launchers
+    use fits the registers, and every batch and head offset is computed in int64."""
+    (tmp_path / "mcat_kernels").symlink_to(REPO / "kernels")  # the package as setup.py installs it
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(tmp_path)])
+    result = subprocess.run([python, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(results) == sum(map(len, FORWARD_LAUNCHES.values())) + len(DKDV_LAUNCH) + len(DQ_LAUNCH) + 4
+    for label, (registers, spill_bytes, batch_strides, widened) in results.items():
+        assert 0 < registers <= 255, label
+        if "dK dV | fp32" in label:  # IEEE fp32 dots spill in every dK/dV tile tried: these least
+            assert spill_bytes <= 5000, label
+        else:
+            assert spill_bytes == 0, label
+        assert batch_strides and widened == batch_strides, label

@@ -12,7 +12,10 @@ median of wall-clock repetitions on CPU) so the ratios compare like with like:
 - the work the padding-aware paths skip, counted exactly on the same lengths (device independent).
 
 Each run returns :class:`mcat_ds.bench.harness.Row` s: ``ms`` rows carry the speed-up over the case's
-baseline in ``ratio``; ``GB_per_s`` rows carry the fraction of the device's memory roofline.
+baseline in ``ratio``; ``GB_per_s`` rows carry the fraction of the device's memory roofline; the
+``cross-attention fwd work`` rows count what the Triton forward does at its launch (FLOPs useful and
+executed, exp2, bytes, programs) and the time each unit needs for it, and ``fraction_of_bound`` is
+the slowest of those times over the measured one.
 """
 
 from __future__ import annotations
@@ -36,29 +39,47 @@ from mcat_ds.model.blip2_reference import ReleaseQFormerPoolAdapter
 from mcat_ds.model.random import WINDOW_SECONDS, fleurs_like_lengths
 from mcat_ds.presets import get_preset
 from mcat_ds.release import release_adapter_state
-from mcat_kernels.cross_attention import cross_attention_reference, key_padding_mask, qformer_cross_attention
+from mcat_kernels.cross_attention import (
+    cross_attention_reference,
+    forward_launch,
+    key_padding_mask,
+    qformer_cross_attention,
+)
 from mcat_kernels.dispatch import interpreter_active
 
 FRAMES_PER_SECOND = 50  # Whisper encoder frames per second of audio
 
-# Peak HBM bandwidth in GB/s (vendor data sheets), matched against torch.cuda.get_device_name().
-MEMORY_ROOFLINE_GB_PER_S = {
-    "H200": 4800.0,
-    "H100 NVL": 3900.0,
-    "H100 PCIe": 2000.0,
-    "H100": 3350.0,  # SXM5 (reported as "NVIDIA H100 80GB HBM3")
-    "A100-SXM4-80GB": 2039.0,
-    "A100 80GB PCIe": 1935.0,
-    "A100": 1555.0,  # 40 GB parts
-    "L40S": 864.0,
+@dataclass(frozen=True)
+class DeviceLimits:
+    """Data-sheet limits: HBM bandwidth, dense bf16 tensor-core rate, SMs and boost clock."""
+
+    memory_gb_per_s: float
+    bf16_tflop_per_s: float
+    sms: int
+    boost_ghz: float
+
+    @property
+    def exp2_per_s(self) -> float:
+        return EXP2_PER_SM_PER_CLOCK * self.sms * self.boost_ghz * 1e9
+
+
+EXP2_PER_SM_PER_CLOCK = 16
+"""The special-function units' exp2 rate per SM and clock (MUFU.EX2, Ampere and Hopper): softmax's
+exp2 runs there, not on the tensor cores, and caps attention with small head dims."""
+DEVICE_LIMITS = {  # matched against torch.cuda.get_device_name(), most specific names first
+    "H200": DeviceLimits(4800.0, 989.0, 132, 1.98),
+    "H100 NVL": DeviceLimits(3900.0, 835.0, 132, 1.785),
+    "H100 PCIe": DeviceLimits(2000.0, 756.0, 114, 1.755),
+    "H100": DeviceLimits(3350.0, 989.0, 132, 1.98),  # SXM5 (reported as "NVIDIA H100 80GB HBM3")
+    "A100-SXM4-80GB": DeviceLimits(2039.0, 312.0, 108, 1.41),
+    "A100 80GB PCIe": DeviceLimits(1935.0, 312.0, 108, 1.41),
+    "A100": DeviceLimits(1555.0, 312.0, 108, 1.41),  # 40 GB parts
+    "L40S": DeviceLimits(864.0, 362.0, 142, 2.52),
 }
 
 
-def memory_roofline_gb_per_s(device_name: str) -> float | None:
-    for key, peak in MEMORY_ROOFLINE_GB_PER_S.items():  # most specific names first
-        if key in device_name:
-            return peak
-    return None
+def device_limits(device_name: str) -> DeviceLimits | None:
+    return next((limits for key, limits in DEVICE_LIMITS.items() if key in device_name), None)
 
 
 @dataclass(frozen=True)
@@ -160,11 +181,62 @@ def attention_implementations(config: KernelBenchConfig) -> list[AttentionImplem
 
 def attention_bytes(config: KernelBenchConfig, lengths: torch.Tensor) -> int:
     """The least HBM traffic of the forward pass: Q and O once, K and V of the valid frames once,
-    the fp32 log-sum-exp. Achieved bandwidth = these bytes / time (for every implementation)."""
+    the fp32 log-sum-exp. Achieved bandwidth = these bytes / time (for every implementation). The
+    query blocks of one (sample, head) run side by side, so K/V come from HBM once, then from L2."""
     element = torch.finfo(config.dtype).bits // 8
     q_or_o = config.batch * config.heads * config.queries * config.head_dim
     kv = 2 * int(lengths.sum()) * config.heads * config.head_dim
     return element * (2 * q_or_o + kv) + 4 * config.batch * config.heads * config.queries
+
+
+@dataclass(frozen=True)
+class AttentionWork:
+    """The forward kernel's work at one launch, counted: what bounds it on a device."""
+
+    useful_flop: float
+    executed_flop: float
+    """Tensor-core work of whole blocks: idle query rows and the masked tail of the last key block count."""
+    exp2: float
+    bytes: int
+    programs: int
+
+    def bound_s(self, limits: DeviceLimits) -> dict[str, float]:
+        """Seconds each unit needs at its data-sheet rate; the slowest bounds the kernel."""
+        return {"memory": self.bytes / (limits.memory_gb_per_s * 1e9),
+                "tensor cores": self.executed_flop / (limits.bf16_tflop_per_s * 1e12),
+                "exp2": self.exp2 / limits.exp2_per_s}
+
+
+def attention_work(config: KernelBenchConfig, lengths: torch.Tensor, launch) -> AttentionWork:
+    blocks_m = -(-config.queries // launch.block_m)
+    key_blocks = torch.div(lengths + launch.block_n - 1, launch.block_n, rounding_mode="floor")
+    executed_pairs = blocks_m * launch.block_m * int(key_blocks.sum()) * launch.block_n * config.heads
+    useful_pairs = config.queries * int(lengths.sum()) * config.heads
+    return AttentionWork(useful_flop=4.0 * useful_pairs * config.head_dim,
+                         executed_flop=4.0 * executed_pairs * config.head_dim, exp2=float(executed_pairs),
+                         bytes=attention_bytes(config, lengths), programs=blocks_m * config.batch * config.heads)
+
+
+def attention_work_rows(config: KernelBenchConfig, lengths: torch.Tensor, shape: str, launch, limits,
+                        ms: float | None) -> list[Row]:
+    """Counted rows of the Triton forward at ``launch``, and (timed on a known device) its fraction of
+    the bound: the slowest of its memory, tensor-core and exp2 time at data-sheet rates."""
+    work = attention_work(config, lengths, launch)
+    name = f"mcat triton, {launch}"
+    rows = [Row("cross-attention fwd work", shape, name, "GFLOP useful", work.useful_flop / 1e9),
+            Row("cross-attention fwd work", shape, name, "GFLOP executed", work.executed_flop / 1e9),
+            Row("cross-attention fwd work", shape, name, "exp2 millions", work.exp2 / 1e6),
+            Row("cross-attention fwd work", shape, name, "MB moved", work.bytes / 1e6),
+            Row("cross-attention fwd work", shape, name, "programs", work.programs)]
+    if limits is not None:
+        bounds = work.bound_s(limits)
+        rows += [Row("cross-attention fwd work", shape, name, f"us bound by {unit}", seconds * 1e6)
+                 for unit, seconds in bounds.items()]
+        rows.append(Row("cross-attention fwd work", shape, name, "programs per SM", work.programs / limits.sms))
+        if ms is not None:
+            rows.append(Row("cross-attention fwd", shape, "mcat triton", "fraction_of_bound",
+                            max(bounds.values()) / (ms * 1e-3)))
+    return rows
 
 
 def bench_cross_attention(config: KernelBenchConfig, measure, device_name: str) -> list[Row]:
@@ -176,7 +248,8 @@ def bench_cross_attention(config: KernelBenchConfig, measure, device_name: str) 
     shape = f"{config.batch}x{config.heads}h x {config.queries}q x {config.keys}k x {config.head_dim}d {str(config.dtype).split('.')[-1]}"
     make = lambda n: torch.randn(config.batch, config.heads, n, config.head_dim, generator=generator).to(config.device, config.dtype)  # noqa: E731
     q, k, v = make(config.queries), make(config.keys), make(config.keys)
-    roofline = memory_roofline_gb_per_s(device_name)
+    limits = device_limits(device_name)
+    roofline = limits.memory_gb_per_s if limits else None
     rows = []
     for case, lengths in cases.items():
         lengths = lengths.to(config.device)
@@ -212,6 +285,10 @@ def bench_cross_attention(config: KernelBenchConfig, measure, device_name: str) 
                     gb_per_s = attention_bytes(config, lengths) / (ms * 1e-3) / 1e9
                     rows.append(Row(benchmark, f"{shape}, {case}", implementation.name, "GB_per_s", gb_per_s,
                                     gb_per_s / roofline if roofline else None))
+            if mode == "fwd" and config.triton:
+                launch, tuned = forward_launch(q)
+                print(f"cross-attention forward, {case}: {launch}{' (autotuned)' if tuned else ''}", flush=True)
+                rows += attention_work_rows(config, lengths, f"{shape}, {case}", launch, limits, times["mcat triton"])
     return rows
 
 
