@@ -5,7 +5,8 @@
   whole sequence and the whole vocabulary;
 - ours: the adapter's kernels (on CUDA) and one K/V GEMM over valid frames, the LLM's attention
   chosen by ``auto`` (flash-attn, else FlexAttention on CUDA), one packed padding-free row, LM head
-  and cross-entropy fused over label tokens (liger-kernel on CUDA when installed).
+  and cross-entropy fused over label tokens (liger-kernel on CUDA when installed, told its chunk;
+  where it is, ours with the chunked PyTorch loss runs beside it).
 
 Both train the same random model (a preset's real sizes, optionally only its first layers) on the
 same batches: speech of FLEURS-like lengths, SRT-like prompts, targets of 20-120 tokens. Each step is
@@ -35,7 +36,7 @@ from mcat_ds.bench.harness import Row, benchmark_parser, cpu_peak_memory, csv_ta
 from mcat_ds.build import count_parameters
 from mcat_ds.config import MCATConfig
 from mcat_ds.model.checkpointing import enable_activation_checkpointing
-from mcat_ds.model.loss import CHUNK_ROWS
+from mcat_ds.model.loss import CHUNK_ROWS, resolve_loss_implementation
 from mcat_ds.model.mcat import MCATOutput
 from mcat_ds.model.random import fleurs_like_lengths, random_log_mel, random_mcat_model
 from mcat_ds.presets import get_preset
@@ -62,6 +63,7 @@ class TrainBenchConfig:
 
 NAIVE = "naive (padded, eager, full logits)"
 OURS = "ours (packed, label logits)"
+OURS_CHUNKED_LOSS = "ours, chunked PyTorch loss instead of liger's"
 
 
 def variant_configs(config: TrainBenchConfig) -> dict[str, tuple[MCATConfig, bool]]:
@@ -76,6 +78,11 @@ def variant_configs(config: TrainBenchConfig) -> dict[str, tuple[MCATConfig, boo
     for variant in (naive, ours):
         variant.runtime.gradient_checkpointing = False
     variants = {NAIVE: (naive, False), OURS: (ours, True)}
+    if resolve_loss_implementation("auto", torch.device(config.device)) == "liger":
+        # ours takes liger's fused loss here; the same step with the chunked PyTorch loss beside it
+        chunked = copy.deepcopy(ours)
+        chunked.model.llm.loss_implementation = "chunked"
+        variants[OURS_CHUNKED_LOSS] = (chunked, True)
     for policy in config.checkpointing:
         checkpointed = copy.deepcopy(ours)
         checkpointed.runtime.gradient_checkpointing = True
