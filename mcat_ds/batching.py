@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -40,11 +41,20 @@ class LLMBatch:
     position_ids: torch.Tensor
     speech_mask: torch.Tensor
     labels: torch.Tensor | None = None
+    cu_seq_lens: torch.Tensor | None = None
+    """Packed only: (sequences + 1,) int32 offsets where each sequence starts, and the row's end, as
+    flash-attn's varlen kernels take them (counted here on the host, so no layer derives them from
+    the position ids with a device sync)."""
+    max_sequence_length: int | None = None
+    pack_padding: int = 0
+    """Packed only: the tokens of the padding sequence at the end (see ``pack_to_multiple``)."""
 
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens in the batch."""
-        return int(self.input_ids.numel() if self.attention_mask is None else self.attention_mask.sum())
+        if self.attention_mask is None:
+            return self.input_ids.numel() - self.pack_padding
+        return int(self.attention_mask.sum())
 
     @property
     def is_packed(self) -> bool:
@@ -52,7 +62,15 @@ class LLMBatch:
 
     def to(self, device: torch.device | str) -> LLMBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return LLMBatch(**{name: None if value is None else value.to(device) for name, value in moved.items()})
+        return LLMBatch(**{name: value.to(device) if isinstance(value, torch.Tensor) else value
+                           for name, value in moved.items()})
+
+    def flash_varlen_arguments(self) -> dict:
+        """What transformers' flash-attn path takes for a packed row instead of deriving it per layer."""
+        if self.cu_seq_lens is None:
+            return {}
+        return {"cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                "max_length_q": self.max_sequence_length, "max_length_k": self.max_sequence_length}
 
 
 def collate_examples(
@@ -60,11 +78,13 @@ def collate_examples(
     num_speech_tokens: int,
     pad_token_id: int,
     padding_side: Literal["right", "left", "packed"] = "right",
+    pack_to_multiple: int = 1,
 ) -> LLMBatch:
     """Right padding for training (positions start at 0 for every sample, as unbatched); left padding
     for generation (every prompt ends at the last column); ``packed``: one row, the sequences end to
-    end with no padding at all, positions restarting at 0 for each (training). Labels cover the
-    target and eos only."""
+    end with no padding at all, positions restarting at 0 for each (training), or padded at the end
+    to a multiple of ``pack_to_multiple`` tokens by one more sequence of padding that nothing learns
+    from (FlexAttention's 128-token blocks). Labels cover the target and eos only."""
     rows = []
     for example in examples:
         ids = [pad_token_id] * num_speech_tokens + list(example.prompt_ids) + list(example.target_ids)
@@ -72,7 +92,10 @@ def collate_examples(
         labels = [IGNORE_INDEX] * (num_speech_tokens + len(example.prompt_ids)) + list(example.target_ids)
         rows.append((ids, speech, labels))
     if padding_side == "packed":
-        return _packed(rows)
+        padding = -sum(len(ids) for ids, _, _ in rows) % pack_to_multiple
+        if padding:
+            rows.append(([pad_token_id] * padding, [False] * padding, [IGNORE_INDEX] * padding))
+        return replace(_packed(rows), pack_padding=padding)
     width = max(len(ids) for ids, _, _ in rows)
 
     def pad(values: list, fill) -> list:
@@ -98,4 +121,6 @@ def _packed(rows: list[tuple[list[int], list[bool], list[int]]]) -> LLMBatch:
     labels = None
     if any(label != IGNORE_INDEX for _, _, row_labels in rows for label in row_labels):
         labels = torch.tensor([[label for _, _, row_labels in rows for label in row_labels]], dtype=torch.long)
-    return LLMBatch(input_ids, None, position_ids, speech_mask, labels)
+    lengths = [len(ids) for ids, _, _ in rows]
+    cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return LLMBatch(input_ids, None, position_ids, speech_mask, labels, cu_seq_lens, max(lengths))

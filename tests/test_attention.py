@@ -78,6 +78,7 @@ def test_flex_attention_packed_model_loss_equals_padded_eager_loss(tiny_config):
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only")
 @pytest.mark.parametrize("architecture", ["tiny-gemma2", "tiny-gemma3"])
 def test_flex_attention_gradients_equal_eager_per_sequence_on_cuda(architecture):
@@ -93,6 +94,32 @@ def test_flex_attention_gradients_equal_eager_per_sequence_on_cuda(architecture)
         grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on CUDA only")
+def test_one_flex_compile_serves_every_packed_length_on_cuda(tiny_config):
+    """Training steps on packed rows of three lengths (multiples of 128): FlexAttention is compiled at
+    the first (per mask kind, forward and backward) and never again."""
+    from torch._dynamo.utils import counters
+
+    from mcat_ds.batching import collate_examples, tokenize_example
+    from mcat_ds.model.attention import packed_length_multiple
+
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_config("gemma2", "model.llm.attn_implementation=flex_attention"))
+    model.cuda().train()
+    tokenized = [tokenize_example(tokenizer.hf, prompt, target) for prompt, target in EXAMPLES]
+    graphs = []
+    for copies in (1, 3, 6):  # 4, 12 and 24 sequences: packed rows of different lengths
+        examples = tokenized * copies
+        batch = collate_examples(examples, model.num_speech_tokens, tokenizer.hf.pad_token_id, "packed",
+                                 packed_length_multiple(model.llm)).to("cuda")
+        assert batch.input_ids.shape[1] % 128 == 0
+        features, lengths = random_features(len(examples), [500, 120, 300, 60] * copies)
+        model(features.cuda(), lengths.cuda(), batch).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[2] == graphs[1] == graphs[0], graphs
 
 
 @pytest.mark.parametrize(

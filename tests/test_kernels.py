@@ -67,16 +67,19 @@ def test_cross_attention_odd_shapes_fp32(queries, keys, lengths):
     check_cross_attention(2, 3, queries, keys, 64, lengths, torch.float32)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_cross_attention_dtypes_and_head_dims(dtype, dim):
     check_cross_attention(2, 2, 150, 97, dim, [97, 40], dtype)
 
 
+@pytest.mark.cuda
 def test_cross_attention_whisper_length_once():
     check_cross_attention(2, 2, 150, 1500, 64, [1500, 377], torch.float32)
 
 
+@pytest.mark.cuda
 def test_padding_blocks_are_never_read():
     q, k, v = attention_inputs(2, 2, 150, 300, 64, torch.float32)
     lengths = torch.tensor([130, 300], device=DEVICE)
@@ -99,7 +102,8 @@ def test_noncontiguous_head_views_like_the_adapter_passes():
                                cross_attention_reference(q, k, k, lengths), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows, channels, stride", [(150, 768, 5), (151, 40, 5), (7, 33, 3), (4, 16, 1)])
+@pytest.mark.parametrize("rows, channels, stride", [pytest.param(150, 768, 5, marks=pytest.mark.cuda),
+                                                   (151, 40, 5), (7, 33, 3), (4, 16, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layernorm_pool_matches_reference(rows, channels, stride, dtype):
     generator = torch.Generator().manual_seed(1)
@@ -126,6 +130,7 @@ def adapter_config(**changes) -> AdapterConfig:
     return AdapterConfig(**{**values, **changes})
 
 
+@pytest.mark.cuda
 def test_adapter_with_kernels_equals_reference_path_and_blip2():
     encoder_width, llm_width = 48, 40
     torch.manual_seed(0)
@@ -166,10 +171,11 @@ def test_dispatch_falls_back_where_the_kernel_cannot_run_and_says_why_when_force
         qformer_cross_attention(q, q, q, lengths, implementation="cuda")
 
 
-def test_the_benchmark_shapes_run_in_the_interpreter_at_a_gpu_launch():
-    """The benchmarks' shapes (150 queries x 1500 frames, head dim 64; 768 channels pooled by 5) in bf16,
-    at the launch the interpreter takes: the first of those the GPU's autotuner chooses among. (The
-    interpreter differs in one flag: bf16 dots accumulate as fp32 dots there.)"""
+@pytest.mark.cuda
+def test_the_benchmark_shapes_run_at_a_gpu_launch():
+    """The benchmarks' shapes (150 queries x 1500 frames, head dim 64; 768 channels pooled by 5) in bf16:
+    autotuned on a GPU; in the interpreter at the first of the launches the autotuner chooses among
+    (which differs in one flag: bf16 dots accumulate as fp32 dots there)."""
     from mcat_ds.bench.kernels import KernelBenchConfig
     from mcat_kernels import layernorm_pool as pool_module
 
@@ -185,6 +191,7 @@ def test_the_benchmark_shapes_run_in_the_interpreter_at_a_gpu_launch():
     assert pool_module._blocks(5, 768) == (8, 1024)  # a whole 768-wide row per program
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("key", sorted(FORWARD_LAUNCHES))
 def test_every_forward_launch_the_autotuner_may_pick_is_correct(key):
     fp32_dot, head_dim = key

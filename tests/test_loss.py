@@ -64,6 +64,7 @@ def test_chunked_path_never_holds_more_than_one_chunk_of_logits():
     assert mode.largest == N * V  # what the check would catch
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="liger-kernel's Triton kernels need CUDA")
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_liger_equals_chunked_on_cuda(softcap):

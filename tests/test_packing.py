@@ -128,3 +128,66 @@ def test_tag_loss_weight_counts_each_tag_label_as_that_many_tokens_in_training(t
     torch.testing.assert_close(weighted.loss, (weights * token_losses).sum() / weights.sum(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(plain.loss, token_losses.mean(), atol=1e-6, rtol=1e-6)  # evaluation: unweighted
     assert not torch.allclose(weighted.loss, plain.loss)
+
+
+def test_a_packed_row_padded_to_flex_attentions_block_keeps_the_loss_and_gradients(tiny_config):
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_config("gemma3", "model.llm.attn_implementation=eager"))
+    model.train()
+    tokenized = [tokenize_example(tokenizer.hf, prompt, target) for prompt, target in EXAMPLES]
+    pad = tokenizer.hf.pad_token_id
+    packed = collate_examples(tokenized, model.num_speech_tokens, pad, "packed")
+    padded = collate_examples(tokenized, model.num_speech_tokens, pad, "packed", pack_to_multiple=128)
+    assert padded.input_ids.shape[1] % 128 == 0 and padded.input_ids.shape[1] - packed.input_ids.shape[1] < 128
+    assert padded.num_tokens == packed.num_tokens and padded.pack_padding > 0
+    assert padded.position_ids[0, packed.input_ids.shape[1]] == 0  # the padding is a sequence of its own
+    assert padded.cu_seq_lens.tolist() == packed.cu_seq_lens.tolist() + [padded.input_ids.shape[1]]
+    features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
+    results = []
+    for batch in (packed, padded):
+        model.zero_grad()
+        out = model(features, lengths, batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.num_label_tokens, trainable_grads(model)))
+    (loss, labels, grads), (padded_loss, padded_labels, padded_grads) = results
+    assert padded_labels == labels
+    torch.testing.assert_close(padded_loss, loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_flash_attention_gets_the_sequence_offsets_once_from_the_batch(tiny_config, monkeypatch):
+    """With flash-attn, every layer would derive cu_seq_lens and the longest sequence from the position
+    ids (a device sync each); the packed batch carries them, counted on the host, into every layer."""
+    import transformers
+
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_config("gemma3", "model.llm.attn_implementation=sdpa"))
+    sdpa = transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen = []
+
+    def recording_flash(module, query, key, value, attention_mask, **kwargs):  # stands in for flash-attn
+        seen.append({name: kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                                          "max_length_k")})
+        return sdpa(module, query, key, value, None, **kwargs)  # the numbers do not matter here
+
+    monkeypatch.setitem(transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2",
+                        recording_flash)
+    model.llm.config._attn_implementation = "flash_attention_2"
+    padded, packed = batches(model, tokenizer)
+    features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
+    with torch.no_grad():
+        model(features, lengths, packed)
+    layers = model.llm.get_base_model().config.num_hidden_layers
+    assert len(seen) == layers
+    sequence_lengths = [model.num_speech_tokens + len(tokenize_example(tokenizer.hf, p, t).prompt_ids)
+                        + len(tokenize_example(tokenizer.hf, p, t).target_ids) for p, t in EXAMPLES]
+    expected = torch.tensor([0, *torch.tensor(sequence_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    for kwargs in seen:
+        assert kwargs["cu_seq_lens_q"] is packed.cu_seq_lens and kwargs["cu_seq_lens_k"] is packed.cu_seq_lens
+        assert kwargs["max_length_q"] == kwargs["max_length_k"] == max(sequence_lengths)
+    torch.testing.assert_close(packed.cu_seq_lens, expected)
+    seen.clear()
+    with torch.no_grad():
+        model(features, lengths, padded)  # a padded batch: nothing to pass
+    assert seen and all(value is None for kwargs in seen for value in kwargs.values())

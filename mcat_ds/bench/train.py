@@ -35,6 +35,7 @@ from mcat_ds.batching import TokenizedExample, collate_examples
 from mcat_ds.bench.harness import Row, benchmark_parser, cpu_peak_memory, csv_target, report
 from mcat_ds.build import count_parameters
 from mcat_ds.config import MCATConfig
+from mcat_ds.model.attention import packed_length_multiple
 from mcat_ds.model.checkpointing import enable_activation_checkpointing
 from mcat_ds.model.loss import CHUNK_ROWS, resolve_loss_implementation
 from mcat_ds.model.mcat import MCATOutput
@@ -127,7 +128,7 @@ def _measure(config: TrainBenchConfig) -> dict[str, dict[str, float | None]]:
         batches = []
         for lengths, examples in data:
             batch = collate_examples(examples, model.num_speech_tokens, model.pad_token_id,
-                                     "packed" if packed else "right")
+                                     "packed" if packed else "right", packed_length_multiple(model.llm))
             batches.append((lengths, batch))
 
         def train_step(step: int, lengths: torch.Tensor, batch) -> MCATOutput:

@@ -128,12 +128,13 @@ class Batch:
 
 class Collator:
     def __init__(self, window: FeatureWindow, num_speech_tokens: int, pad_token_id: int,
-                 features_in_workers: bool, padding_side: str = "right"):
+                 features_in_workers: bool, padding_side: str = "right", pack_to_multiple: int = 1):
         self.window = window
         self.num_speech_tokens = num_speech_tokens
         self.pad_token_id = pad_token_id
         self.log_mel = LogMelSpectrogram(window) if features_in_workers else None
         self.padding_side = padding_side
+        self.pack_to_multiple = pack_to_multiple
 
     def __call__(self, items: list[LoadedExample | SkippedExample]) -> Batch:
         loaded = [item for item in items if isinstance(item, LoadedExample)]
@@ -142,7 +143,7 @@ class Collator:
         llm = None
         if loaded:
             llm = collate_examples([item.tokens for item in loaded], self.num_speech_tokens, self.pad_token_id,
-                                   self.padding_side)
+                                   self.padding_side, self.pack_to_multiple)
         features = self.log_mel(waveforms, num_samples) if self.log_mel is not None else None
         return Batch(
             features=features,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
 import transformers
+
+from mcat_ds.batching import LLMBatch
+
+FLEX_BLOCK = 128
+"""FlexAttention's block size (its block masks tile rows in 128 x 128 blocks)."""
 
 
 def resolve_attn_implementation(requested: str, llm_config: transformers.PretrainedConfig) -> str:
@@ -49,3 +55,29 @@ def dense_attn_implementation(llm: transformers.PreTrainedModel) -> str:
     """The implementation to decode (or serve through transformers) with: SDPA where it keeps the
     architecture's numerics, else eager."""
     return _dense_attn_implementation(type(llm), llm.config)
+
+
+def packed_length_multiple(llm: transformers.PreTrainedModel) -> int:
+    """What a packed row's length is padded to a multiple of: FlexAttention's block (its block masks
+    then tile the row exactly, and the kernels never mask a partial block), else 1 (no padding)."""
+    return FLEX_BLOCK if llm.config._attn_implementation == "flex_attention" else 1
+
+
+def packed_attention_arguments(llm: transformers.PreTrainedModel, batch: LLMBatch) -> dict:
+    """Keyword arguments for the LLM's forward on ``batch``: for flash-attn on a packed row, its
+    sequence offsets and longest sequence, counted once on the host (otherwise every layer derives
+    them from the position ids, with a device-to-host sync each)."""
+    if batch.is_packed and llm.config._attn_implementation.startswith("flash_attention"):
+        return batch.flash_varlen_arguments()
+    return {}
+
+
+def compiled_attention_context(llm: transformers.PreTrainedModel, device: torch.device):
+    """FlexAttention on CUDA is compiled by transformers with torch.compile's defaults: static at the
+    first packed length, then again with dynamic shapes at the second, per mask kind and for backward
+    apart. Compiling with dynamic shapes from the first call makes one compile serve every length.
+    (Only on CUDA: Inductor's CPU FlexAttention template does not build with dynamic shapes in torch
+    2.13, and training never runs FlexAttention on CPU, which has no backward for it.)"""
+    if device.type == "cuda" and llm.config._attn_implementation == "flex_attention":
+        return torch._dynamo.config.patch(assume_static_by_default=False)
+    return contextlib.nullcontext()

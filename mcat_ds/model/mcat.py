@@ -10,7 +10,7 @@ from torch import nn
 
 from mcat_ds.batching import IGNORE_INDEX, LLMBatch
 from mcat_ds.model.adapter import SpeechAdapter
-from mcat_ds.model.attention import use_decoding_attention
+from mcat_ds.model.attention import compiled_attention_context, packed_attention_arguments, use_decoding_attention
 from mcat_ds.model.encoder import SpeechEncoder
 from mcat_ds.model.loss import LossImplementation, chunked_head_cross_entropy, linear_cross_entropy
 
@@ -149,7 +149,12 @@ class MCATModel(nn.Module):
         embeds = self.input_embeddings(batch, self.speech_embeddings(features, feature_lengths))
         class_weights = None if batch.labels is None else self._class_weights(embeds.device)
         inputs = dict(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                      use_cache=False)
+                      use_cache=False, **packed_attention_arguments(self.llm, batch))
+        with compiled_attention_context(self.llm, embeds.device):
+            return self._forward_from_embeddings(inputs, batch, class_weights, full_logits, predict_at)
+
+    def _forward_from_embeddings(self, inputs: dict, batch: LLMBatch, class_weights: torch.Tensor | None,
+                                 full_logits: bool, predict_at: torch.Tensor | None) -> MCATOutput:
         if batch.labels is None or full_logits:
             logits = self.llm(**inputs).logits
             if batch.labels is None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mcat_ds.build import CheckpointError, build_model, count_parameters
+from mcat_ds.model.attention import packed_length_multiple
 from mcat_ds.model.checkpointing import enable_activation_checkpointing
 from mcat_ds.optional import require
 from mcat_ds.checkpoint import CONFIG_FILE, load_trainable_weights, run_environment, save_checkpoint
@@ -117,13 +118,14 @@ class _ExampleStream:
     """Micro-batches across epochs for this rank, from a data position on."""
 
     def __init__(self, config: MCATConfig, data_dir: Path, entries, tokenizer, window: FeatureWindow,
-                 num_speech_tokens: int, placement: Placement, with_targets: bool = True):
+                 num_speech_tokens: int, placement: Placement, with_targets: bool = True, pack_to_multiple: int = 1):
         self.config, self.data_dir, self.entries = config, data_dir, entries
         self.tokenizer, self.window, self.placement = tokenizer, window, placement
         self.selection = example_selection(config)
         self.collator = Collator(window, num_speech_tokens, tokenizer.pad_token_id,
                                  features_in_workers=config.data.features == "worker",
-                                 padding_side="packed" if config.data.packing else "right")
+                                 padding_side="packed" if config.data.packing else "right",
+                                 pack_to_multiple=pack_to_multiple)
         self.with_targets = with_targets
 
     def share(self, epoch: int):
@@ -222,8 +224,9 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
     engine, *_ = require("deepspeed").initialize(model=model, optimizer=optimizer, config=ds_config)
     window = FeatureWindow(model.encoder.num_mel_bins, model.encoder.window_frames)
     log_mel = LogMelSpectrogram(window).to(placement.device)
+    pack_to_multiple = packed_length_multiple(model.llm)
     stream = _ExampleStream(config, Path(config.data.path), entries, tokenizer.hf, window,
-                            model.num_speech_tokens, placement)
+                            model.num_speech_tokens, placement, pack_to_multiple=pack_to_multiple)
     priming = next(iter(stream.epoch_batches(0, 0, 0)))
     prime_optimizer_states(engine, lambda: _forward(engine, priming, log_mel, placement.device).loss * 0.0)
     torch.manual_seed(config.runtime.seed + 1 + placement.rank)  # dropout differs across ranks
@@ -241,7 +244,8 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
                           f"{config.stage.name} is {config.stage.task} with data.validation={config.data.validation}")
     if config.data.validation:
         validation = _ExampleStream(config, Path(config.data.validation), load_index(config.data.validation),
-                                    tokenizer.hf, window, model.num_speech_tokens, placement)
+                                    tokenizer.hf, window, model.num_speech_tokens, placement,
+                                    pack_to_multiple=pack_to_multiple)
 
     monitor = StageMonitor(paths.root, config.stage.name, total_steps, step) if placement.leader else None
     if monitor is not None:
