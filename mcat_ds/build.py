@@ -3,6 +3,8 @@ built-in architectures on the meta device (parameter counts without allocating w
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import re
 import warnings
@@ -251,12 +253,13 @@ def build_meta_model(config: MCATConfig) -> MCATModel:
 
 
 def build_model_skeleton(config: MCATConfig, device: str | torch.device = "meta", llm_layers: int | None = None,
-                         encoder_layers: int | None = None) -> MCATModel:
+                         encoder_layers: int | None = None, dtype: torch.dtype | None = None) -> MCATModel:
     """``build_meta_model`` on any device: on a real one the weights are freshly initialized there
     (random models of real sizes for benchmarks, allocated straight on the GPU), optionally with only
-    the first ``llm_layers`` / ``encoder_layers`` layers."""
+    the first ``llm_layers`` / ``encoder_layers`` layers, and in ``dtype`` from the start (a 27B
+    model built in fp32 and then cast would need twice its bf16 memory, and the time to fill it)."""
     model_config = config.model
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):
         if model_config.encoder.checkpoint is None:
             encoder_config = whisper_config(model_config.encoder.architecture)
         else:
@@ -284,6 +287,19 @@ def build_model_skeleton(config: MCATConfig, device: str | torch.device = "meta"
             _resize_for_tags(llm, tag_ids)
         return _assemble(model_config, whisper, llm, 1.0, tag_ids,
                          llm.config.pad_token_id, llm.config.eos_token_id)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None):
+    if dtype is None:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _assemble(model_config: ModelConfig, whisper: nn.Module, llm: nn.Module, speech_input_scale: float,

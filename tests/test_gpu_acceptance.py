@@ -48,7 +48,7 @@ def test_targets_are_judged_from_the_runs_rows(tmp_path):
     assert results["cross-attention fwd vs masked SDPA, FLEURS-like lengths"] == (2.5, "missed")
     assert results["training MFU (small-9b)"] == (None, "not measured")  # a tiny row is not the 9B target
     assert dict((t.what, m) for t, m, _ in evaluate_targets(tmp_path, smoke=True))["training MFU (small-9b)"] == 0.5
-    assert results["batch inference vs HF generate"] == (None, "not measured")  # no CSV at all
+    assert results["batch inference vs HF generate, 4 directions per utterance"] == (None, "not measured")  # no CSV
     assert Target("x", "a.csv", "b", "c", "d", at_most=1.0).verdict(0.9)
 
 

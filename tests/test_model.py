@@ -2,12 +2,14 @@ import pytest
 import torch
 import transformers
 from peft import PeftModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SENTENCES, random_features
 from mcat_ds.batching import IGNORE_INDEX, collate_examples, tokenize_example
 from mcat_ds.build import CheckpointError, build_model, count_parameters
 from mcat_ds.checkpoint import LORA_DIR, load_checkpoint, save_checkpoint
 from mcat_ds.model import GenerationOptions
+from mcat_ds.presets import get_preset
 from mcat_ds.prompts import build_prompt, build_target
 from mcat_ds.tiny import write_tiny_llm
 
@@ -234,3 +236,30 @@ def test_language_model_of_a_multimodal_gemma3_checkpoint(tiny_config, tiny_dirs
     torch.testing.assert_close(
         model.llm.eval()(input_ids=ids).logits[..., :base_tokens], full(input_ids=ids).logits[..., :base_tokens]
     )
+
+
+class LargeFloat32Tensors(TorchDispatchMode):
+    """Counts the elements of every fp32 tensor of more than a million elements an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() > 1_000_000:
+            self.elements += out.numel()
+        return out
+
+
+def test_random_models_of_real_sizes_are_built_in_their_dtype_not_cast_from_fp32():
+    """A 9B/27B benchmark model made in fp32 and then cast needs twice its memory and the time to fill it."""
+    from mcat_ds.build import build_model_skeleton
+
+    for dtype, expected in ((None, "some"), (torch.bfloat16, "none")):
+        with LargeFloat32Tensors() as counter:  # on the meta device: shapes and dtypes, no memory
+            model = build_model_skeleton(get_preset("small-9b"), "meta", llm_layers=1, encoder_layers=1, dtype=dtype)
+        assert (counter.elements > 0) == (expected == "some"), dtype
+    embedding = model.llm.get_input_embeddings().weight
+    assert embedding.dtype == torch.bfloat16 and embedding.numel() > 900_000_000  # Gemma2's 256k x 3584
+    assert torch.get_default_dtype() == torch.float32  # restored

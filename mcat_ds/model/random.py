@@ -14,8 +14,8 @@ from mcat_ds.model.mcat import MCATModel
 def random_mcat_model(config: MCATConfig, device: str, dtype: torch.dtype, seed: int = 0,
                       llm_layers: int | None = None, encoder_layers: int | None = None) -> MCATModel:
     torch.manual_seed(seed)
-    model = build_model_skeleton(config, device, llm_layers=llm_layers, encoder_layers=encoder_layers)
-    return model.to(dtype)
+    model = build_model_skeleton(config, device, llm_layers=llm_layers, encoder_layers=encoder_layers, dtype=dtype)
+    return model.to(dtype)  # what is left in fp32 (buffers such as rotary frequencies), as before
 
 
 WINDOW_SECONDS = 30
