@@ -23,6 +23,15 @@ def trainable_grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def loss_and_gradients(model, batch):
+    """(loss, label tokens, trainable gradients) of one step on ``batch`` with the EXAMPLES' audio."""
+    features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
+    model.zero_grad()
+    out = model(features, lengths, batch)
+    out.loss.backward()
+    return out.loss.detach(), out.num_label_tokens, trainable_grads(model)
+
+
 @pytest.mark.parametrize("llm, attention", [("gemma2", "eager"), ("gemma3", "eager"), ("gemma3", "sdpa")])
 def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_config, llm, attention):
     torch.manual_seed(0)
@@ -31,14 +40,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tiny_config, llm, atte
     padded, packed = batches(model, tokenizer)
     assert packed.input_ids.shape[0] == 1 and packed.attention_mask is None
     assert packed.num_tokens == padded.num_tokens < padded.input_ids.numel()  # no padding left
-    features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
-    results = []
-    for batch in (padded, packed):
-        model.zero_grad()
-        out = model(features, lengths, batch)
-        out.loss.backward()
-        results.append((out.loss.detach(), out.num_label_tokens, trainable_grads(model)))
-    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = (loss_and_gradients(model, batch) for batch in (padded, packed))
     assert n_a == n_b
     torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
     assert grads_a.keys() == grads_b.keys() and grads_a
@@ -142,14 +144,8 @@ def test_a_packed_row_padded_to_flex_attentions_block_keeps_the_loss_and_gradien
     assert padded.num_tokens == packed.num_tokens and padded.pack_padding > 0
     assert padded.position_ids[0, packed.input_ids.shape[1]] == 0  # the padding is a sequence of its own
     assert padded.cu_seq_lens.tolist() == packed.cu_seq_lens.tolist() + [padded.input_ids.shape[1]]
-    features, lengths = random_features(len(EXAMPLES), [500, 120, 300, 60])
-    results = []
-    for batch in (packed, padded):
-        model.zero_grad()
-        out = model(features, lengths, batch)
-        out.loss.backward()
-        results.append((out.loss.detach(), out.num_label_tokens, trainable_grads(model)))
-    (loss, labels, grads), (padded_loss, padded_labels, padded_grads) = results
+    (loss, labels, grads), (padded_loss, padded_labels, padded_grads) = (
+        loss_and_gradients(model, batch) for batch in (packed, padded))
     assert padded_labels == labels
     torch.testing.assert_close(padded_loss, loss, atol=1e-6, rtol=1e-6)
     for name, grad in grads.items():
