@@ -49,7 +49,8 @@ VENV_HOME=${MCAT_VENV_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/mcat-ds/venvs}
 # pinned_venv LINK CONSTRAINTS INSTALL_STEP...: the venv installed step by step under CONSTRAINTS
 # (each step a quoted list of pip arguments), built once per stamp under $VENV_HOME and linked at
 # LINK; $AFTER_BUILD, when set, is a command run in the new venv's folder once its steps are in.
-# Every call points the venv's editable install of the package at this clone.
+# Every call points the venv's editable install of the package at this clone: with two clones on one
+# machine, a venv serves the one that ran a launch script last.
 pinned_venv() {
     local link=$1 constraints=$2; shift 2
     local stamp
