@@ -7,7 +7,10 @@ all-or-nothing on POSIX filesystems.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import socket
 from pathlib import Path
 
 
@@ -48,3 +51,43 @@ def write_atomically(path: Path, data: str | bytes, encoding: str = "utf-8") -> 
         staging.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file written by a library that does not (safetensors, tarfile) before a later write
+    claims it complete: client caches on Lustre and NFS may otherwise publish the claim first."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def staging_sibling(final: Path) -> Path:
+    """Where a directory is built before it is renamed to ``final``: named after this host and
+    process, so that a later run can tell a dead writer's leftovers from a live one's work."""
+    final = Path(final)
+    return final.with_name(f"{final.name}.partial-{socket.gethostname()}-{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Remove the ``staging_sibling`` folders of ``final`` left by writers that died on this host
+    (another host's, or a live process's, are left alone); returns what was removed."""
+    final = Path(final)
+    host = socket.gethostname()
+    removed = []
+    for candidate in final.parent.glob(f"{glob.escape(final.name)}.partial-*"):
+        writer = candidate.name[len(final.name) + len(".partial-"):]
+        writer_host, _, pid = writer.rpartition("-")
+        if not pid.isdigit() or (writer_host and writer_host != host) or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    return removed
