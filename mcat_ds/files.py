@@ -91,3 +91,13 @@ def remove_stale_staging(final: Path) -> list[Path]:
         shutil.rmtree(candidate, ignore_errors=True)
         removed.append(candidate)
     return removed
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file and folder under ``directory``, and the directory itself, before it is
+    renamed into place: the libraries that wrote them (safetensors, transformers) do not, so a
+    power cut could otherwise leave the final name pointing at empty files."""
+    for root, _, names in os.walk(directory, topdown=False):
+        for name in names:
+            fsync_file(Path(root) / name)
+        fsync_directory(Path(root))
