@@ -13,6 +13,7 @@ checkpoint under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -123,17 +124,43 @@ def read_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not an MCAT checkpoint: {CONFIG_FILE} is missing")
-    metadata = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        metadata = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as error:  # bad UTF-8 and bad JSON both
+        raise CheckpointError(f"{path}: damaged, not UTF-8 JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: damaged, expected a mapping at the top level")
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format {metadata.get('format')!r} version {metadata.get('format_version')!r}, "
             f"expected {FORMAT!r} version {FORMAT_VERSION}"
         )
+    missing = sorted({"config", "language_tag_ids"} - set(metadata))
+    if missing:
+        raise CheckpointError(f"{path}: damaged, {' and '.join(missing)} missing")
     return metadata
 
 
 def read_checkpoint_config(directory: str | Path) -> MCATConfig:
     return from_dict(MCATConfig, read_checkpoint_metadata(directory)["config"], where=f"{directory}/{CONFIG_FILE}: ")
+
+
+def checkpoint_fingerprint(directory: str | Path) -> str:
+    """What a checkpoint holds, as 32 hex digits: a sha256 over its config and trained weights, so
+    that something derived from it (an export) can tell a retrained checkpoint at the same path
+    from the one it was made of. Only the trained weights are read (at most a few hundred MB);
+    each file's name and size go into the hash so that bytes cannot move between files unnoticed."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, ADAPTER_FILE, f"{LORA_DIR}/{LORA_WEIGHTS_FILE}"):
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory} is not an MCAT checkpoint: {name} is missing")
+        digest.update(f"{name}\0{path.stat().st_size}\0".encode("utf-8"))
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
 
 
 # The model settings a checkpoint's weights were trained under: their shapes, and how they are read
