@@ -8,15 +8,20 @@
 ``speech.json`` says how the speech rows join the prompt: the adapter's config, the number of speech
 tokens, the scale for transformers' ``inputs_embeds`` in this environment and the scale the first
 decoder layer must see (for engines that hand prompt embeddings straight to the first layer), the tag
-ids, the end-of-sequence id, and the checkpoint's generation settings. ``mcat translate --engine vllm``
-serves an export (see ``mcat_ds.infer.vllm_engine``).
+ids, the end-of-sequence id, the checkpoint's generation settings, and the fingerprint of the
+checkpoint's content (``mcat_ds.checkpoint.checkpoint_fingerprint``), by which a later run tells
+whether the export still is of the checkpoint at that path. ``mcat translate --engine vllm`` serves
+an export (see ``mcat_ds.infer.vllm_engine``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,8 +33,9 @@ from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mcat_ds.build import inputs_embeds_scale
-from mcat_ds.checkpoint import load_checkpoint
+from mcat_ds.checkpoint import checkpoint_fingerprint, load_checkpoint
 from mcat_ds.config import AdapterConfig, from_dict
+from mcat_ds.files import fsync_directory, fsync_tree, remove_stale_staging, staging_sibling
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import dense_attn_implementation
 from mcat_ds.model.encoder import SpeechEncoder
@@ -43,36 +49,92 @@ ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "mcat-export"
 FORMAT_VERSION = 1
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# what readers of speech.json look up; eos_token_id and checkpoint_fingerprint came later and may be absent
+DESCRIPTION_KEYS = ("exported_from", "dtype", "adapter", "encoder_width", "llm_width", "num_speech_tokens",
+                    "mask_padding_frames", "speech_input_scale", "speech_first_layer_scale", "language_tags",
+                    "language_tag_ids", "generation")
+
+
+@contextlib.contextmanager
+def _export_lock(out: Path):
+    """Hold ``<out>.lock`` exclusively: one export to ``out`` at a time on this host (and across hosts
+    where the filesystem honours flock). The lock file stays; it holds nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f"{out.name}.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"mcat export: another export to {out} is running; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "bfloat16", *,
                       encoder_checkpoint: str | None = None, llm_checkpoint: str | None = None) -> Path:
     """Write ``out`` (see the module docstring) from an MCAT checkpoint; written to a sibling first
-    and renamed, so a failed export never leaves a half directory under ``out``."""
+    and renamed, so a failed export never leaves a half directory under ``out``. Exports to one
+    ``out`` take turns; one that finds ``out`` written by the export it waited for returns it when it
+    matches the checkpoint and dtype (see :func:`export_matches`)."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; export writes a new directory")
-    model, tokenizer, config = load_checkpoint(checkpoint, encoder_checkpoint=encoder_checkpoint,
-                                               llm_checkpoint=llm_checkpoint)
-    model.eval()
-    width = model.llm.get_input_embeddings().weight.shape[1]
-    first_layer_scale = inputs_embeds_scale(model.llm, width) * model.speech_input_scale
-    for stale in out.parent.glob(f"{out.name}.partial-*"):  # left by an export that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    try:
-        _write_export(model, tokenizer, config, checkpoint, staging, dtype, first_layer_scale, width)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # tens of GB at 27B
-        raise
-    os.replace(staging, out)
+    with _export_lock(out):
+        if out.exists():
+            difference = export_matches(out, checkpoint, dtype) if is_export(out) else f"{out} is not an mcat export"
+            if difference is None:
+                return out
+            raise FileExistsError(f"{out} was written while this export waited for it, and differs: {difference}")
+        # hashed before loading: a checkpoint rewritten meanwhile then fails to match, never the reverse
+        fingerprint = checkpoint_fingerprint(checkpoint)
+        model, tokenizer, config = load_checkpoint(checkpoint, encoder_checkpoint=encoder_checkpoint,
+                                                   llm_checkpoint=llm_checkpoint)
+        model.eval()
+        width = model.llm.get_input_embeddings().weight.shape[1]
+        first_layer_scale = inputs_embeds_scale(model.llm, width) * model.speech_input_scale
+        # under the lock no other export to out runs on this host, but one on another host may
+        # (flock need not reach across nodes): only this host's dead writers' folders go
+        remove_stale_staging(out)
+        staging = staging_sibling(out)
+        try:
+            _write_export(model, tokenizer, config, checkpoint, fingerprint, staging, dtype, first_layer_scale, width)
+            fsync_tree(staging)
+            os.replace(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # tens of GB at 27B
+            raise
+        fsync_directory(out.parent)
     return out
 
 
-def _write_export(model, tokenizer, config, checkpoint, staging: Path, dtype: str, first_layer_scale: float,
-                  width: int) -> None:
+def export_matches(export_dir: str | Path, checkpoint: str | Path, dtype: str) -> str | None:
+    """None when ``export_dir`` is an export of the checkpoint's current content in ``dtype``; else
+    what differs, in words. Exports made before speech.json recorded the checkpoint's fingerprint
+    never match: whether the checkpoint was retrained since is unknown."""
+    description = read_export_description(export_dir)
+    exported_from = str(description["exported_from"])
+    if description["dtype"] != dtype:
+        return f"{export_dir} holds an export in {description['dtype']}, not {dtype}"
+    stored = description.get("checkpoint_fingerprint")
+    if stored is None:
+        same_path = Path(exported_from).resolve() == Path(checkpoint).resolve()
+        return (f"{export_dir} was exported from {exported_from}"
+                f"{' (this path)' if same_path else f', not {checkpoint}'} by a version that did not record the "
+                "checkpoint's fingerprint, so whether it holds the checkpoint's current weights is unknown: "
+                "export again")
+    current = checkpoint_fingerprint(checkpoint)
+    if stored != current:
+        return (f"{export_dir} was exported from {exported_from} with content fingerprint {stored}, but "
+                f"{checkpoint} now has {current} (retrained, or another checkpoint): export again")
+    return None
+
+
+def _write_export(model, tokenizer, config, checkpoint, fingerprint: str, staging: Path, dtype: str,
+                  first_layer_scale: float, width: int) -> None:
     # LoRA into the base weights; peft writes the trained tag rows into the (tied) embedding
     llm = model.llm.merge_and_unload().to(DTYPES[dtype])
     llm.save_pretrained(staging / LLM_DIR, safe_serialization=True)
@@ -85,6 +147,7 @@ def _write_export(model, tokenizer, config, checkpoint, staging: Path, dtype: st
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "exported_from": str(checkpoint),
+        "checkpoint_fingerprint": fingerprint,
         "dtype": dtype,
         "llm_architectures": llm.config.architectures,
         # what to pass as attn_implementation when loading llm/ with transformers: some versions
@@ -110,10 +173,18 @@ def read_export_description(directory: str | Path) -> dict[str, Any]:
     description_file = Path(directory) / SPEECH_DIR / SPEECH_FILE
     if not description_file.is_file():
         raise FileNotFoundError(f"{directory} is not an mcat export: {description_file} is missing")
-    description = json.loads(description_file.read_text(encoding="utf-8"))
+    try:
+        description = json.loads(description_file.read_bytes().decode("utf-8"))
+    except ValueError as error:  # bad UTF-8 and bad JSON both
+        raise ValueError(f"{description_file}: damaged, not UTF-8 JSON ({error})") from None
+    if not isinstance(description, dict):
+        raise ValueError(f"{description_file}: damaged, expected a mapping at the top level")
     if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{description_file}: format {description.get('format')!r} "
                          f"version {description.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
+    missing = [key for key in DESCRIPTION_KEYS if key not in description]
+    if missing:
+        raise ValueError(f"{description_file}: damaged, {', '.join(missing)} missing")
     return description
 
 
