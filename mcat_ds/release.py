@@ -16,7 +16,9 @@ model.pt stores LoRA's rank and targets (in its shapes and keys) but not alpha: 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from safetensors.torch import save_file
 
 from mcat_ds.checkpoint import ADAPTER_FILE, LORA_DIR, LORA_WEIGHTS_FILE, write_checkpoint_metadata
 from mcat_ds.config import MCATConfig
+from mcat_ds.files import fsync_directory, fsync_tree, remove_stale_staging, staging_sibling
 
 _QFORMER_RENAMES = (
     (r"^query$", "queries"),
@@ -238,10 +241,20 @@ def release_model_config(config: MCATConfig, lora_state: dict[str, torch.Tensor]
     return config
 
 
+def _refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; import-release writes a new checkpoint directory and never "
+                              "writes into an existing one: pick a new directory or remove it")
+
+
 def import_release_checkpoint(model_pt: str | Path, config: MCATConfig, out: str | Path, *,
                               lora_alpha: int | None = None, release_config: str | Path | None = None) -> ImportReport:
-    """Write an MCAT checkpoint directory from a release ``model.pt`` and the preset it was trained as
-    (base checkpoint paths set in ``config``). Shapes are checked when the checkpoint is loaded."""
+    """Write a new MCAT checkpoint directory ``out`` from a release ``model.pt`` and the preset it was
+    trained as (base checkpoint paths set in ``config``). Shapes are checked when the checkpoint is
+    loaded. Written to a sibling and renamed, so ``out`` is complete or absent, never a mix of
+    files that loads."""
+    out = Path(out)
+    _refuse_existing(out)
     release_state = torch.load(model_pt, map_location="cpu", weights_only=True)
     if not isinstance(release_state, dict):
         raise ReleaseCheckpointError(f"{model_pt} does not hold a state dict")
@@ -255,19 +268,29 @@ def import_release_checkpoint(model_pt: str | Path, config: MCATConfig, out: str
     train_config = read_release_train_config(release_config) if release_config is not None else None
     report = ImportReport(adapter_tensors=len(adapter), lora_tensors=len(lora.state), dropped=lora.dropped)
     config = release_model_config(config, lora.state, lora_alpha=lora_alpha, train_config=train_config, report=report)
-    out = Path(out)
-    (out / LORA_DIR).mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / ADAPTER_FILE), metadata={"format": "pt"})
-    save_file({k: v.contiguous() for k, v in lora.state.items()}, str(out / LORA_DIR / LORA_WEIGHTS_FILE),
-              metadata={"format": "pt"})
-    LoraConfig(
-        task_type="CAUSAL_LM",
-        r=config.model.lora.rank,
-        lora_alpha=config.model.lora.alpha,
-        lora_dropout=config.model.lora.dropout,
-        target_modules=list(config.model.lora.target_modules),
-        base_model_name_or_path=config.model.llm.checkpoint,
-    ).save_pretrained(str(out / LORA_DIR))
-    write_checkpoint_metadata(out, config, {}, imported_from=str(model_pt),
-                              import_report={"dropped_lora": lora.dropped, "lora_sources": report.lora_sources})
+    remove_stale_staging(out)  # left by imports that were killed
+    staging = staging_sibling(out)
+    shutil.rmtree(staging, ignore_errors=True)  # only a dead process with this host and pid could have left it
+    try:
+        (staging / LORA_DIR).mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in lora.state.items()}, str(staging / LORA_DIR / LORA_WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=config.model.lora.rank,
+            lora_alpha=config.model.lora.alpha,
+            lora_dropout=config.model.lora.dropout,
+            target_modules=list(config.model.lora.target_modules),
+            base_model_name_or_path=config.model.llm.checkpoint,
+        ).save_pretrained(str(staging / LORA_DIR))
+        write_checkpoint_metadata(staging, config, {}, imported_from=str(model_pt),
+                                  import_report={"dropped_lora": lora.dropped, "lora_sources": report.lora_sources})
+        fsync_tree(staging)
+        _refuse_existing(out)  # created while this import ran: os.replace would take an empty one's place
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_directory(out.parent)
     return report

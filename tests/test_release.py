@@ -10,6 +10,7 @@ import torch
 
 from blip2_reference import ReleaseQFormerPoolAdapter, randomize, release_llm, release_model_pt
 from conftest import random_features
+from mcat_ds import release
 from mcat_ds.batching import collate_examples, tokenize_example
 from mcat_ds.build import inputs_embeds_scale
 from mcat_ds.checkpoint import load_checkpoint, read_checkpoint_config
@@ -116,13 +117,18 @@ def test_gemma3_layouts_of_older_transformers_and_what_is_dropped():
         release_lora_state({"llm.model.layers.0.q_proj.lora_A.default.weight": a})
 
 
-def test_lora_alpha_flag_wins_and_a_guess_is_said(tiny_dirs, tmp_path, capsys):
+def gemma2_release_arguments(tiny_dirs, tmp_path) -> list[str]:
+    """import-release's arguments, all but --out, for a GemmaX2-style model.pt written into tmp_path."""
     llm = release_llm(tiny_dirs["gemma2"], multimodal=False)
     torch.manual_seed(0)
     adapter = ReleaseQFormerPoolAdapter(get_preset("tiny").model.adapter, 64, 128)
     release_model_pt(adapter, llm, tmp_path / "model.pt")
-    common = ["--preset", "tiny", "--model-pt", str(tmp_path / "model.pt"),
-              "--set", f"model.encoder.checkpoint={tiny_dirs['whisper']}", "--set", f"model.llm.checkpoint={tiny_dirs['gemma2']}"]
+    return ["--preset", "tiny", "--model-pt", str(tmp_path / "model.pt"),
+            "--set", f"model.encoder.checkpoint={tiny_dirs['whisper']}", "--set", f"model.llm.checkpoint={tiny_dirs['gemma2']}"]
+
+
+def test_lora_alpha_flag_wins_and_a_guess_is_said(tiny_dirs, tmp_path, capsys):
+    common = gemma2_release_arguments(tiny_dirs, tmp_path)
     assert main(["import-release", *common, "--out", str(tmp_path / "guessed")]) == 0
     assert "lora alpha = 32 (ASSUMED" in capsys.readouterr().out
     assert read_checkpoint_config(tmp_path / "guessed").model.lora.alpha == 32
@@ -133,3 +139,28 @@ def test_lora_alpha_flag_wins_and_a_guess_is_said(tiny_dirs, tmp_path, capsys):
     (tmp_path / "wrong.yaml").write_text("train_config:\n  peft_config:\n    r: 32\n", encoding="utf-8")
     assert main(["import-release", *common, "--out", str(tmp_path / "bad"), "--release-config", str(tmp_path / "wrong.yaml")]) == 2
     assert "says LoRA r=32 but model.pt holds rank 8" in capsys.readouterr().err
+
+
+def test_import_never_writes_into_an_existing_directory_nor_leaves_a_half_one(tiny_dirs, tmp_path, capsys, monkeypatch):
+    common = gemma2_release_arguments(tiny_dirs, tmp_path)
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "adapter.safetensors").write_bytes(b"weights that took a week")
+    assert main(["import-release", *common, "--out", str(trained)]) == 2
+    error = capsys.readouterr().err
+    assert f"{trained} exists" in error and "pick a new directory or remove it" in error
+    assert [p.name for p in trained.iterdir()] == ["adapter.safetensors"]
+    assert (trained / "adapter.safetensors").read_bytes() == b"weights that took a week"
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("no space left on device")
+
+    with monkeypatch.context() as patched:  # the last file fails: nothing is left under --out or beside it
+        patched.setattr(release, "write_checkpoint_metadata", disk_full)
+        assert main(["import-release", *common, "--out", str(tmp_path / "failed")]) == 2
+    assert "no space left" in capsys.readouterr().err
+    assert not (tmp_path / "failed").exists() and not list(tmp_path.glob("failed.partial-*"))
+
+    assert main(["import-release", *common, "--out", str(tmp_path / "runs" / "imported")]) == 0
+    assert read_checkpoint_config(tmp_path / "runs" / "imported").model.lora.rank == 8
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["imported"]
