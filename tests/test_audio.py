@@ -92,3 +92,50 @@ def test_log_mel_equals_whisper_feature_extractor(mel_bins, seconds):
 def test_log_mel_rejects_a_wrong_window():
     with pytest.raises(ValueError, match="expected waveforms of 80000 samples"):
         LogMelSpectrogram(FeatureWindow(80, 500))(torch.zeros(1, 480000))
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("rate", [1, 999, 400_000])
+def test_an_absurd_sample_rate_is_refused_before_resampling(rate):
+    # 1 Hz would be resampled 16 000-fold: a damaged header must not cost gigabytes
+    with pytest.raises(AudioError, match=rf"unsupported sample rate: {rate} Hz"):
+        decode_audio(wav_bytes(tone(0.01, 16000), rate))
+
+
+def test_too_long_audio_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "long.flac"
+    soundfile.write(path, tone(6, 16000), 16000, format="FLAC")
+    reads = []
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda *args, **kwargs: reads.append(args))
+    with pytest.raises(AudioError, match=r"too long: 6.00 s > 5 s"):
+        decode_audio(path, max_seconds=5)
+    assert reads == []
+
+
+def with_stated_length(flac: bytes, frames: int) -> bytes:
+    """The FLAC with its STREAMINFO total-samples field (36 bits) set to ``frames``: 0 is what an
+    encoder writing to a pipe leaves, anything else a damaged header."""
+    data = bytearray(flac)
+    streaminfo = 8  # after "fLaC" and the metadata block header
+    data[streaminfo + 13] = (data[streaminfo + 13] & 0xF0) | (frames >> 32)
+    data[streaminfo + 14:streaminfo + 18] = (frames & 0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_a_damaged_or_unstated_length_is_named_without_allocating_it():
+    flac = encode_flac(tone(3.0, 16000))
+    with pytest.raises(AudioError, match="a stream that does not state its length"):
+        decode_audio(with_stated_length(flac, 0))
+    # 2**34 frames are 64 GiB of float32: read block by block, the lie costs one block
+    with pytest.raises(AudioError, match="unreadable audio"):
+        decode_audio(with_stated_length(flac, 2**34))
+    with pytest.raises(AudioError, match=r"too long: 1073741.82 s > 30 s"):
+        decode_audio(with_stated_length(flac, 2**34), max_seconds=30)
+    assert decode_audio(with_stated_length(flac, 3 * 16000)).size == 3 * 16000
+    with pytest.raises(AudioError, match="empty audio"):
+        decode_audio(wav_bytes(np.zeros(0, np.float32), 16000))

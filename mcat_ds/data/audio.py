@@ -32,18 +32,56 @@ def require_audio_packages() -> None:
     require("soxr")
 
 
-def decode_audio(source: str | Path | bytes) -> np.ndarray:
-    """Mono float32 samples at 16 kHz from wav/flac/ogg (anything libsndfile reads)."""
+LOWEST_RATE = 1_000
+HIGHEST_RATE = 384_000
+"""Sample rates outside these are damaged headers, not recordings: 1 Hz would resample 16 000-fold."""
+UNKNOWN_LENGTH = 2**63 - 1
+"""libsndfile's frame count for a stream that does not state its length (a FLAC piped from an encoder)."""
+BLOCK_FRAMES = 1 << 20
+
+
+def decode_audio(source: str | Path | bytes, max_seconds: float | None = None) -> np.ndarray:
+    """Mono float32 samples at 16 kHz from wav/flac/ogg (anything libsndfile reads).
+
+    The header is checked before any sample is decoded: an absurd sample rate, or (with
+    ``max_seconds``) a length over that, raise AudioError at once, so a 3-hour file or a header
+    claiming 1 Hz costs nothing instead of exhausting memory.
+    """
     soundfile = require("soundfile")
     try:
-        data, rate = soundfile.read(io.BytesIO(source) if isinstance(source, bytes) else source,
-                                    dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as sound:
+            rate = sound.samplerate
+            if not LOWEST_RATE <= rate <= HIGHEST_RATE:
+                raise AudioError(f"unsupported sample rate: {rate} Hz (readable: {LOWEST_RATE}-{HIGHEST_RATE} Hz)")
+            if sound.frames == UNKNOWN_LENGTH:  # libsndfile cannot read past the first block of these
+                raise AudioError("unreadable audio: a stream that does not state its length (re-encode it as a file)")
+            _check_length(sound.frames / rate, max_seconds)
+            data = _read_frames(sound)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
         raise AudioError(f"unreadable audio: {error}") from None
+    if data.shape[0] == 0:
+        raise AudioError("empty audio: 0 samples")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    if rate != SAMPLE_RATE and mono.size:
+    if rate != SAMPLE_RATE:
         mono = require("soxr").resample(mono, rate, SAMPLE_RATE, quality="VHQ").astype(np.float32)
+        _check_length(mono.size / SAMPLE_RATE, max_seconds)  # resampling may round up by a sample
     return np.ascontiguousarray(mono)
+
+
+def _read_frames(sound) -> np.ndarray:
+    """(frames, channels) float32, block by block: memory follows the audio that is there, not the
+    length a damaged header claims (soundfile would allocate all of that at once)."""
+    blocks = []
+    while len(block := sound.read(BLOCK_FRAMES, dtype="float32", always_2d=True)):
+        blocks.append(block)
+    if len(blocks) == 1:
+        return blocks[0]
+    return np.concatenate(blocks) if blocks else np.zeros((0, sound.channels), np.float32)
+
+
+def _check_length(seconds: float, max_seconds: float | None) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"too long: {seconds:.2f} s > {max_seconds:g} s, the encoder's window")
 
 
 def check_audio(samples: np.ndarray, max_seconds: float) -> float:
@@ -51,8 +89,7 @@ def check_audio(samples: np.ndarray, max_seconds: float) -> float:
     if samples.size == 0:
         raise AudioError("empty audio: 0 samples")
     seconds = samples.size / SAMPLE_RATE
-    if seconds > max_seconds:
-        raise AudioError(f"too long: {seconds:.2f} s > {max_seconds:g} s, the encoder's window")
+    _check_length(seconds, max_seconds)
     if not np.isfinite(samples).all():
         raise AudioError("invalid samples: NaN or infinite values")
     if float(np.abs(samples).max()) < SILENCE_PEAK:
