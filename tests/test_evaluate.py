@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import sacrebleu
 
 from mcat_ds.cli import main
 from mcat_ds.data.demo import demo_sentences
-from mcat_ds.eval.evaluate import EvaluationError, read_hypotheses
+from mcat_ds.eval import evaluate
+from mcat_ds.eval.evaluate import EvaluationError, comet_model_fingerprint, read_hypotheses, read_published
 
 LANGUAGES = ("eng", "deu", "fra", "cmn", "jpn")
 
@@ -120,9 +122,70 @@ def test_heatmap_of_the_70_language_matrix_is_readable(tmp_path):
 
 def test_bad_hypothesis_lines_name_file_and_line(tmp_path):
     path = tmp_path / "hyps.jsonl"
-    path.write_text('{"id": "a", "src": "eng", "tgt": "deu", "hyp": "x", "ref": "y"}\n{"id": "b"}\n')
-    with pytest.raises(EvaluationError, match=r"hyps.jsonl:2"):
-        read_hypotheses(path)
+    good = b'{"id": "a", "src": "eng", "tgt": "deu", "hyp": "x", "ref": "y"}\n'
+    for bad in (b'{"id": "b"}\n', b'{"id": "b", "src": "eng", "hyp": "Gr\xfc\xdfe"}\n', b'{"id": "b", "src": ["eng"], "hyp": ""}\n'):
+        path.write_bytes(good + bad)
+        with pytest.raises(EvaluationError, match=r"hyps.jsonl:2: not a translate output line"):
+            read_hypotheses(path)
+
+
+def test_a_published_table_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "published.csv"
+    path.write_bytes(b"idx,iso3,spbleu,comet\n1,eng_deu,10.0,8\xff0.0\n")
+    with pytest.raises(EvaluationError, match=r"published.csv: not UTF-8"):
+        read_published(path)
+
+
+def test_damaged_sentence_cache_lines_are_skipped_with_a_warning_and_scored_again(corpus, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "sentences.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [json.dumps({**r, "comet": 0.5, "comet_model": "an earlier model"}).encode() for r in records]
+    lines[2] = lines[2][:25]  # cut by a killed run
+    lines[4] = lines[4].replace(b'"comet"', b'"com\xe9t"')  # a byte that is not UTF-8
+    (out / "sentences.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.warns(UserWarning, match=r"sentences.jsonl: skipped 2 damaged line\(s\) \(line 3, 5\)"):
+        assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out)]) == 0
+    comet = {row["iso3"]: row["comet"] for row in read_csv(out / "directions.csv")}
+    lost = {records[i]["direction"] for i in (2, 4)}
+    assert {direction for direction, score in comet.items() if score != "50.00"} == lost
+    assert all(comet[direction] == "" for direction in lost)  # a direction's COMET needs every sentence's
+
+
+def test_a_failed_run_leaves_the_previous_tables_whole(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out)]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    calls = []
+    format_value = evaluate._format
+
+    def format_then_fail(value, digits=2):  # the disk fills while a table is written
+        calls.append(value)
+        if len(calls) > 30:
+            raise OSError("no space left on device")
+        return format_value(value, digits)
+
+    monkeypatch.setattr(evaluate, "_format", format_then_fail)
+    with pytest.raises(OSError, match="no space left"):
+        evaluate.evaluate(corpus["hyps"], out)
+    assert (out / "directions.csv").read_bytes() == before["directions.csv"]
+    assert sorted(path.name for path in out.iterdir()) == sorted(before)  # no temporary files left
+
+
+def test_comet_model_fingerprint_changes_with_the_model_not_with_time(tmp_path):
+    model = tmp_path / "comet"
+    (model / "checkpoints").mkdir(parents=True)
+    (model / "checkpoints" / "model.ckpt").write_bytes(b"weights")
+    (model / "hparams.yaml").write_text("class_identifier: regression_metric\n")
+    fingerprint = comet_model_fingerprint(model)
+    assert comet_model_fingerprint(model / "checkpoints" / "model.ckpt") == fingerprint
+    assert comet_model_fingerprint(shutil.copytree(model, tmp_path / "copy")) != fingerprint
+    for name in ("checkpoints/model.ckpt", "hparams.yaml"):  # rewritten in place
+        stat = (model / name).stat()
+        os.utime(model / name, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        assert comet_model_fingerprint(model) != fingerprint, name
+        fingerprint = comet_model_fingerprint(model)
+    assert comet_model_fingerprint(model) == fingerprint
 
 
 def test_comet_through_unbabel_comet_and_sentence_scores_reused(corpus, tmp_path):
@@ -149,6 +212,23 @@ def test_comet_through_unbabel_comet_and_sentence_scores_reused(corpus, tmp_path
     assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out), "--spm", str(corpus["spm"])]) == 0
     again = {row["iso3"]: row for row in read_csv(out / "directions.csv")}
     assert again["deu_cmn"]["comet"] == rows["deu_cmn"]["comet"] and again["deu_cmn"]["spbleu"]
+
+    # another COMET model into the same folder scores again, as it would into a new one
+    other = shutil.copytree(folder, tmp_path / "models" / "other-comet")
+    checkpoint = torch.load(other / "checkpoints" / "model.ckpt", weights_only=True)
+    generator = torch.Generator().manual_seed(2)
+    for tensor in checkpoint["state_dict"].values():
+        if tensor.is_floating_point():
+            tensor.add_(0.2 * torch.randn(tensor.shape, generator=generator))
+    torch.save(checkpoint, other / "checkpoints" / "model.ckpt")
+    assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out), "--comet-model", str(other)]) == 0
+    assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(tmp_path / "fresh"),
+                 "--comet-model", str(other)]) == 0
+    comet = [{row["iso3"]: row["comet"] for row in read_csv(directory / "directions.csv")}
+             for directory in (out, tmp_path / "fresh")]
+    assert comet[0] == comet[1] and comet[0]["deu_cmn"] != rows["deu_cmn"]["comet"]
+    sentences = [json.loads(line) for line in (out / "sentences.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {s.get("comet_model") for s in sentences if "comet" in s} == {comet_model_fingerprint(other)}
 
 
 def test_compare_scores_srt_outputs_by_the_release_rule_and_counts_where_the_rules_differ(corpus, tmp_path):

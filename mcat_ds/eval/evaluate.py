@@ -11,13 +11,17 @@ Per direction (``src_tgt``; ASR outputs per source language):
 Writes into the output directory:
 - ``directions.csv``: ``iso3,n,spbleu,chrf,comet,wer,cer`` (empty where not computed);
 - ``sentences.jsonl``: sentence-level scores (COMET, chrF++), so that a later run reuses COMET
-  scores of unchanged hypotheses and can add a metric without recomputing the others;
+  scores of unchanged hypotheses by the same COMET model and can add a metric without recomputing
+  the others;
 - ``summary.md``: the paper's summaries (Table VI: X->eng, eng->X, X->Y averages; Table VIII: each
   language as source and as target) and, with ``--compare``, ours beside the published scores;
 - ``heatmap.png``: the source x target matrix of COMET (or spBLEU, or chrF++), Figure 5 style;
 - ``compare.csv`` with ``--compare``: per direction, ours, published and the difference;
 - ``release_table.csv``: the published CSV's own layout (``idx,iso3,spbleu,comet``);
 - ``srt_split.json``: the SRT split rule used and how many outputs the two rules split differently.
+
+Each file is replaced in one step (written beside it, then renamed), so a killed run leaves the
+previous results or the new ones, never a cut table.
 
 SRT outputs are re-split from the raw ``output``: by default with ``first`` (the first piece after the
 first tag run, robust to decoding loops); against published scores with ``release`` (the release's
@@ -29,13 +33,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcat_ds.files import write_atomically
 from mcat_ds.languages import LANGUAGES
 from mcat_ds.optional import require
 from mcat_ds.prompts import SRTSplitRule, split_srt
@@ -69,22 +76,32 @@ class Hypothesis:
         return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+_OPTIONAL_TEXT_FIELDS = ("tgt", "hyp", "ref", "src_ref", "hyp_transcript", "output")
+
+
 def read_hypotheses(path: str | Path) -> list[Hypothesis]:
     """The JSONL of ``mcat translate``; a damaged line names its file and line number."""
     path = Path(path)
     hypotheses = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 record = json.loads(line)
+                if not isinstance(record["src"], str):
+                    raise TypeError("src: expected text")
+                wrong = [name for name in _OPTIONAL_TEXT_FIELDS if not isinstance(record.get(name), (str, type(None)))]
+                if wrong:
+                    raise TypeError(f"{', '.join(wrong)}: expected text or null")
                 hypotheses.append(Hypothesis(
                     id=str(record["id"]), src=record["src"], tgt=record.get("tgt"), hyp=record["hyp"] or "",
                     ref=record.get("ref"), src_ref=record.get("src_ref"), hyp_transcript=record.get("hyp_transcript"),
                     output=record.get("output") if "hyp_transcript" in record else None,
                 ))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+            # ValueError covers bad UTF-8 and bad JSON (both subclass it)
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise EvaluationError(f"{path}:{number}: not a translate output line ({error!r})") from None
     if not hypotheses:
         raise EvaluationError(f"{path} holds no hypotheses")
@@ -136,17 +153,39 @@ def error_rates(hyps: Sequence[str], refs: Sequence[str]) -> tuple[float, float]
     return 100 * jiwer.wer(ref_list, hyp_list), 100 * jiwer.cer(ref_list, hyp_list)
 
 
-def comet_scores(model_path: str | Path, triples: list[tuple[str, str, str]], batch_size: int = 64) -> list[float]:
-    """Segment scores (0-1) of (src, mt, ref) triples with a local COMET checkpoint."""
-    load_from_checkpoint = require("comet").load_from_checkpoint
-    import torch
-
+def _comet_checkpoint_file(model_path: str | Path) -> Path:
     path = Path(model_path)
     if path.is_dir():
         path = path / "checkpoints" / "model.ckpt"
     if not path.is_file():
         raise EvaluationError(f"--comet-model {model_path}: expected a COMET folder with checkpoints/model.ckpt")
-    model = load_from_checkpoint(str(path), local_files_only=True)
+    return path
+
+
+def comet_model_fingerprint(model_path: str | Path) -> str:
+    """Which COMET model scored, so that cached sentence scores are reused only for the same model:
+    the resolved path, size and modification time (ns) of ``model.ckpt`` and of the
+    ``hparams.yaml`` COMET reads two folders above it.
+
+    File metadata rather than content: hashing a 2 GB checkpoint would cost more than scoring a
+    small test set. Another model, the same model copied elsewhere, or a checkpoint rewritten in
+    place all get a new fingerprint (a copy is scored again: the safe side). Paths are resolved
+    after hparams.yaml is found, since in a Hugging Face cache the files are links into blobs/."""
+    checkpoint = _comet_checkpoint_file(model_path)
+    parts = []
+    for file in (checkpoint, checkpoint.parent.parent / "hparams.yaml"):
+        if file.is_file():
+            stat = file.stat()
+            parts += [str(file.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def comet_scores(model_path: str | Path, triples: list[tuple[str, str, str]], batch_size: int = 64) -> list[float]:
+    """Segment scores (0-1) of (src, mt, ref) triples with a local COMET checkpoint."""
+    load_from_checkpoint = require("comet").load_from_checkpoint
+    import torch
+
+    model = load_from_checkpoint(str(_comet_checkpoint_file(model_path)), local_files_only=True)
     samples = [{"src": s, "mt": m, "ref": r} for s, m, r in triples]
     output = model.predict(samples, batch_size=batch_size, gpus=1 if torch.cuda.is_available() else 0,
                            progress_bar=False)
@@ -173,14 +212,34 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _is_cached_score(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+
+
 def _load_sentence_cache(path: Path) -> dict[str, dict]:
+    """The sentence scores of an earlier run. Only a cache: a damaged line (cut by a killed run,
+    bytes flipped, not UTF-8) is skipped with a warning, and its scores are computed again."""
     if not path.is_file():
         return {}
-    cache = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    cache, damaged = {}, []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
             record = json.loads(line)
-            cache[record["key"]] = record
+            if not (isinstance(record, dict) and isinstance(record.get("key"), str)
+                    and isinstance(record.get("comet_model"), (str, type(None)))
+                    and _is_cached_score(record.get("comet")) and _is_cached_score(record.get("chrf"))):
+                raise ValueError("not a sentence record")
+        except ValueError:  # bad UTF-8 and bad JSON included
+            damaged.append(number)
+            continue
+        cache[record["key"]] = record
+    if damaged:
+        shown = ", ".join(str(number) for number in damaged[:10]) + (", ..." if len(damaged) > 10 else "")
+        warnings.warn(f"{path}: skipped {len(damaged)} damaged line(s) (line {shown}); "
+                      "their scores are computed again", stacklevel=2)
     return cache
 
 
@@ -225,11 +284,17 @@ def evaluate(hyps_path: str | Path, out_dir: str | Path, comet_model: str | None
     split = apply_srt_split(hypotheses, srt_split or ("release" if compare else "first"))
     spbleu = SpBLEU(spm) if spm else None
     sentences_path = out / "sentences.jsonl"
+    # with a model, only its own scores are reused; without one, a later run (adding spBLEU, say)
+    # keeps the scores of the model that gave them
+    comet_fingerprint = comet_model_fingerprint(comet_model) if comet_model else None
     cache = _load_sentence_cache(sentences_path)
-    sentences = {h.cache_key(): {"key": h.cache_key(), "id": h.id, "direction": h.direction,
-                                 **({"comet": cache[h.cache_key()]["comet"]}
-                                    if "comet" in cache.get(h.cache_key(), {}) else {})}
-                 for h in hypotheses}
+    sentences = {}
+    for h in hypotheses:
+        record = {"key": h.cache_key(), "id": h.id, "direction": h.direction}
+        cached = cache.get(h.cache_key(), {})
+        if cached.get("comet") is not None and comet_fingerprint in (None, cached.get("comet_model")):
+            record.update(comet=cached["comet"], comet_model=cached.get("comet_model"))
+        sentences[h.cache_key()] = record
 
     translated = [h for h in hypotheses if h.tgt is not None and h.ref is not None]
     if comet_model and translated:
@@ -237,7 +302,7 @@ def evaluate(hyps_path: str | Path, out_dir: str | Path, comet_model: str | None
         if missing:
             scores = comet_scores(comet_model, [(h.src_ref or "", h.hyp, h.ref) for h in missing], comet_batch)
             for h, score in zip(missing, scores):
-                sentences[h.cache_key()]["comet"] = score
+                sentences[h.cache_key()].update(comet=score, comet_model=comet_fingerprint)
     for h in translated:
         sentences[h.cache_key()]["chrf"] = sentence_chrf(h.hyp, h.ref)
 
@@ -262,16 +327,15 @@ def evaluate(hyps_path: str | Path, out_dir: str | Path, comet_model: str | None
             scores.wer, scores.cer = error_rates([t for t, _ in transcripts], [r for _, r in transcripts])
         results.append(scores)
 
-    with open(sentences_path, "w", encoding="utf-8") as handle:
-        for record in sentences.values():
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomically(sentences_path, "".join(json.dumps(record, ensure_ascii=False) + "\n"
+                                             for record in sentences.values()))
     write_directions_csv(out / "directions.csv", results)
     write_release_table(out / "release_table.csv", results)
-    (out / "srt_split.json").write_text(json.dumps(dataclasses.asdict(split), indent=1) + "\n", encoding="utf-8")
+    write_atomically(out / "srt_split.json", json.dumps(dataclasses.asdict(split), indent=1) + "\n")
     published = read_published(compare) if compare else None
     if published is not None:
         write_comparison(out / "compare.csv", results, published)
-    (out / "summary.md").write_text(summary_markdown(results, published, split), encoding="utf-8")
+    write_atomically(out / "summary.md", summary_markdown(results, published, split))
     metric = next((m for m in ("comet", "spbleu", "chrf") if any(getattr(r, m) is not None for r in results)), None)
     if metric:
         draw_heatmap(results, metric, out / "heatmap.png")
@@ -286,58 +350,63 @@ def _format(value: float | None, digits: int = 2) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _csv_text(rows) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
+
+
 def write_directions_csv(path: Path, results: list[DirectionScores]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(DIRECTION_COLUMNS)
-        for r in results:
-            writer.writerow([r.iso3, r.n, _format(r.spbleu), _format(r.chrf), _format(r.comet), _format(r.wer), _format(r.cer)])
+    rows = [DIRECTION_COLUMNS]
+    rows += [[r.iso3, r.n, _format(r.spbleu), _format(r.chrf), _format(r.comet), _format(r.wer), _format(r.cer)]
+             for r in results]
+    write_atomically(path, _csv_text(rows))
 
 
 def write_release_table(path: Path, results: list[DirectionScores]) -> None:
     """The published CSV's layout (``idx,iso3,spbleu,comet``, directions in alphabetical order, two
     decimals), so ours and the release's tables line up row for row."""
     pairs = sorted((r for r in results if "_" in r.iso3), key=lambda r: r.iso3)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("idx", "iso3", "spbleu", "comet"))
-        for idx, r in enumerate(pairs, start=1):
-            writer.writerow([idx, r.iso3, _format(r.spbleu), _format(r.comet)])
+    rows = [("idx", "iso3", "spbleu", "comet")]
+    rows += [[idx, r.iso3, _format(r.spbleu), _format(r.comet)] for idx, r in enumerate(pairs, start=1)]
+    write_atomically(path, _csv_text(rows))
 
 
 def read_published(path: str | Path) -> dict[str, dict[str, float]]:
     """A per-direction CSV with an ``iso3`` column (``src_tgt``) and any of spbleu/chrf/comet."""
     path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EvaluationError(f"{path}: not UTF-8 text ({error})") from None
     table = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or "iso3" not in reader.fieldnames:
-            raise EvaluationError(f"{path}: needs an iso3 column (src_tgt), found {reader.fieldnames}")
-        for number, row in enumerate(reader, start=2):
-            values = {}
-            for metric in ("spbleu", "chrf", "comet"):
-                if row.get(metric):
-                    try:
-                        values[metric] = float(row[metric])
-                    except ValueError:
-                        raise EvaluationError(f"{path}:{number}: {metric} {row[metric]!r} is not a number") from None
-            table[row["iso3"]] = values
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or "iso3" not in reader.fieldnames:
+        raise EvaluationError(f"{path}: needs an iso3 column (src_tgt), found {reader.fieldnames}")
+    for number, row in enumerate(reader, start=2):
+        values = {}
+        for metric in ("spbleu", "chrf", "comet"):
+            if row.get(metric):
+                try:
+                    values[metric] = float(row[metric])
+                except ValueError:
+                    raise EvaluationError(f"{path}:{number}: {metric} {row[metric]!r} is not a number") from None
+        table[row["iso3"]] = values
     return table
 
 
 def write_comparison(path: Path, results: list[DirectionScores], published: dict[str, dict[str, float]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["iso3", "n"] + [f"{kind}_{m}" for m in ("spbleu", "comet") for kind in ("ours", "published", "diff")])
-        for r in results:
-            if r.iso3 not in published:
-                continue
-            row = [r.iso3, r.n]
-            for metric in ("spbleu", "comet"):
-                ours, theirs = getattr(r, metric), published[r.iso3].get(metric)
-                diff = None if ours is None or theirs is None else ours - theirs
-                row += [_format(ours), _format(theirs), _format(diff)]
-            writer.writerow(row)
+    rows = [["iso3", "n"] + [f"{kind}_{m}" for m in ("spbleu", "comet") for kind in ("ours", "published", "diff")]]
+    for r in results:
+        if r.iso3 not in published:
+            continue
+        row = [r.iso3, r.n]
+        for metric in ("spbleu", "comet"):
+            ours, theirs = getattr(r, metric), published[r.iso3].get(metric)
+            diff = None if ours is None or theirs is None else ours - theirs
+            row += [_format(ours), _format(theirs), _format(diff)]
+        rows.append(row)
+    write_atomically(path, _csv_text(rows))
 
 
 def _group_averages(results: list[DirectionScores], metrics: Sequence[str]) -> dict[str, dict[str, float | None]]:
@@ -430,5 +499,7 @@ def draw_heatmap(results: list[DirectionScores], metric: str, path: Path) -> Non
                 axis.text(index[tgt], index[src], f"{value:.1f}", ha="center", va="center", fontsize=6, color="white")
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label=metric)
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
+    image_bytes = io.BytesIO()
+    figure.savefig(image_bytes, format="png", dpi=150)
     plt.close(figure)
+    write_atomically(path, image_bytes.getvalue())
