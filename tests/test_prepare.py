@@ -1,16 +1,22 @@
 import json
+import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import soundfile
 import webdataset
 
+from mcat_ds.data import prepare
 from mcat_ds.data.audio import decode_audio
 from mcat_ds.data.prepare import ShardLimits, prepare_shards
 from mcat_ds.data.shards import ShardReader, load_index
 from mcat_ds.data.sources import read_manifest
+
+encode_utterance = prepare._encode_utterance
 
 
 def speech_like(seconds: float, rate: int, seed: int) -> np.ndarray:
@@ -119,3 +125,48 @@ def test_cli_exit_status_says_whether_anything_was_written(messy_corpus, tmp_pat
         {"file": str(audio / "missing.wav"), "reason": "missing audio file", "line": 1, "manifest": str(nothing),
          "language": "eng"}
     ]
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """A hang fails the test instead of stalling the suite."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def encode_or_die(job):
+    """Stands for the kernel's OOM killer or a crash in a codec: the worker dies on one file."""
+    if job[0].audio.name == "good3.wav":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode_utterance(job)
+
+
+def test_a_worker_that_dies_stops_prepare_with_its_file_named(messy_corpus, tmp_path, monkeypatch):
+    manifest, audio = messy_corpus
+    monkeypatch.setattr(prepare, "_encode_utterance", encode_or_die)
+    out = tmp_path / "out"
+    with time_limit(120), pytest.raises(RuntimeError, match="a worker process died") as error:
+        prepare_shards(read_manifest(manifest, audio), out, max_seconds=5.0, workers=2)
+    assert str(audio / "good3.wav") in str(error.value) and f"{manifest} line 4" in str(error.value)
+
+
+def test_results_come_in_input_order_with_a_bounded_number_in_flight():
+    taken = []
+
+    def jobs():
+        for number in range(50):
+            taken.append(number)
+            yield -number
+
+    with time_limit(120):
+        for expected, result in enumerate(prepare.in_worker_processes(abs, jobs(), workers=2)):
+            assert result == expected and len(taken) - expected <= 2 * prepare.JOBS_PER_WORKER
+    assert len(taken) == 50

@@ -13,12 +13,15 @@ Nothing that cannot be used is silently lost: each such input is counted and lis
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
 import tarfile
-from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from mcat_ds.optional import require
 INDEX_FILE = "index.jsonl"
 REPORT_FILE = "report.json"
 SHARD_PATTERN = "shard-%06d.tar"
+JOBS_PER_WORKER = 4
+"""Utterances in flight per worker process: enough to keep each one busy, few enough to bound memory."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ def _encode_utterance(job: tuple[Utterance, float]) -> tuple[Utterance, bytes | 
     if not utterance.audio.is_file():
         return utterance, None, "missing audio file"
     try:
-        samples = decode_audio(utterance.audio)
+        samples = decode_audio(utterance.audio, max_seconds)
         seconds = check_audio(samples, max_seconds)
     except AudioError as error:
         return utterance, None, str(error)
@@ -55,10 +60,71 @@ def _encoded(jobs: Iterable[tuple[Utterance, float]], workers: int):
     if workers <= 1:
         yield from map(_encode_utterance, jobs)
         return
+    yield from in_worker_processes(_encode_utterance, jobs, workers, describe=_describe_job)
+
+
+def _describe_job(job: tuple[Utterance, float]) -> str:
+    utterance = job[0]
+    return f"{utterance.audio} ({utterance.origin} line {utterance.line})"
+
+
+def in_worker_processes(function: Callable, jobs: Iterable, workers: int,
+                        describe: Callable[[object], str] = repr) -> Iterator:
+    """``function(job)`` for each job, in input order, computed by ``workers`` processes.
+
+    At most ``JOBS_PER_WORKER`` jobs per worker are in flight, so memory stays flat whatever the
+    input's length. A worker that dies (killed, out of memory, a crash in a codec) raises
+    RuntimeError naming the jobs that were being worked on, where ``multiprocessing.Pool`` would
+    wait for its result forever.
+    """
     # spawn, not fork: a trainer rank that builds the demo corpus already runs communication threads,
     # and a forked child can inherit one of their locks held.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(_encode_utterance, jobs, chunksize=4)
+    context = multiprocessing.get_context("spawn")
+    board = context.Array("q", [-1] * workers, lock=False)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_take_board_slot,
+                               initargs=(context.Value("i", 0), board))
+    in_flight: deque = deque()
+    numbered = enumerate(jobs)
+    try:
+        while True:
+            for number, job in itertools.islice(numbered, workers * JOBS_PER_WORKER - len(in_flight)):
+                in_flight.append((number, job, pool.submit(_run_on_board, function, number, job)))
+            if not in_flight:
+                return
+            try:
+                result = in_flight[0][2].result()
+            except BrokenProcessPool:
+                on = {number: job for number, job, _ in in_flight}
+                working = [describe(on[number]) for number in board if number in on]
+                raise RuntimeError(
+                    "a worker process died (killed, out of memory, or crashed) "
+                    + (f"while working on {'; or '.join(working)}" if working else "before it took a job")
+                ) from None
+            in_flight.popleft()
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_board: list[int] | None = None
+"""In a worker process: the shared board where each worker posts the number of the job it is on."""
+_board_slot = 0
+
+
+def _take_board_slot(next_slot, board) -> None:
+    global _board, _board_slot
+    with next_slot.get_lock():
+        _board_slot = next_slot.value
+        next_slot.value += 1
+    _board = board
+
+
+def _run_on_board(function: Callable, number: int, job):
+    _board[_board_slot] = number
+    try:
+        return function(job)
+    finally:
+        _board[_board_slot] = -1
 
 
 def _member_ranges(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
