@@ -98,3 +98,34 @@ def test_fleurs_translations_join_transcripts_by_sentence_id(tmp_path):
     assert (empty.file, empty.line, empty.origin) == (
         str((tmp_path / "fr_fr" / "audio" / "train" / "8.wav").resolve()), 1, str(tmp_path / "fr_fr" / "train.tsv"))
     assert [r.reason for r in read_fleurs(tmp_path / "nothing", "train")][0].startswith("not a FLEURS-style folder")
+
+
+def test_a_line_that_is_not_utf8_is_skipped_and_named_and_the_rest_read(tmp_path):
+    good = {"audio": "a.wav", "language": "eng", "transcript": "Hello.", "translations": {"fra": "Bonjour."}}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(json.dumps(good).encode() + b"\n"
+                         + b'{"audio": "b.wav", "language": "eng", "transcript": "caf\xe9"}\n'
+                         + json.dumps({**good, "audio": "c.wav"}, ensure_ascii=False).encode() + b"\n")
+    records = list(read_manifest(manifest, tmp_path))
+    assert [r.audio.name for r in records if isinstance(r, Utterance)] == ["a.wav", "c.wav"]
+    assert [r for r in records if isinstance(r, Skipped)] == [
+        Skipped(file=str(manifest), line=2, reason="malformed manifest line: not UTF-8 (byte 0xe9 at column 57)")]
+
+
+def test_a_tsv_row_that_is_not_utf8_is_skipped_and_named(tmp_path):
+    write_fleurs_table(tmp_path, "de_de", "train", [("7", "1.wav", "Grüße."), ("8", "2.wav", "Tschüss.")])
+    table = tmp_path / "de_de" / "train.tsv"
+    table.write_bytes(table.read_bytes().replace("Tschüss".encode(), b"Tsch\xfcss", 1))
+    records = list(read_fleurs(tmp_path, "train"))
+    assert [r.key for r in records if isinstance(r, Utterance)] == ["deu_1"]
+    assert [r for r in records if isinstance(r, Skipped)] == [
+        Skipped(file=str(table), line=2, language="deu", reason="malformed tsv row: not UTF-8 (byte 0xfc at column 13)")]
+
+
+def test_a_nul_in_a_path_or_a_list_for_a_language_is_a_skipped_line_not_a_crash(tmp_path):
+    write_fleurs_table(tmp_path, "de_de", "train", [("7", "1\x00.wav", "Hallo.")])
+    manifest = write_lines(tmp_path / "m.jsonl", [{"audio": "a\x00.wav", "language": "eng", "transcript": "Hi."},
+                                                  {"audio": "b\x00.wav", "language": "xxx", "transcript": "Hi."},
+                                                  {"audio": "c.wav", "language": ["eng"], "transcript": "Hi."}])
+    for records in (list(read_fleurs(tmp_path, "train")), list(read_manifest(manifest, tmp_path))):
+        assert records and all(isinstance(r, Skipped) for r in records)

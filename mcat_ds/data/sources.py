@@ -6,7 +6,6 @@ it) and :class:`Skipped` entries for input that cannot be used, naming the file,
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -63,7 +62,10 @@ def _hashed_key(language: str, relative: str) -> str:
 
 
 def resolve_inside(root: Path, relative: str) -> Path | None:
-    """The audio path under ``root``, or None when it would leave the root (``..``, absolute, links)."""
+    """The path under ``root``, or None when it would leave the root (``..``, absolute, links) or
+    cannot name a file at all (a NUL character)."""
+    if "\x00" in relative:
+        return None
     root = root.resolve()
     path = (root / relative).resolve()
     return path if path == root or root in path.parents else None
@@ -76,46 +78,68 @@ def read_manifest(manifest: Path, audio_root: Path) -> Iterator[Utterance | Skip
     into one utterance holding all their translations.
     """
     merged: dict[Path, Utterance] = {}
-    with open(manifest, encoding="utf-8") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            where = dict(file=str(manifest), line=number)
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as error:
-                yield Skipped(reason=f"malformed manifest line: not JSON ({error.msg})", **where)
-                continue
-            if not isinstance(record, dict):
-                yield Skipped(reason="malformed manifest line: not a JSON object", **where)
-                continue
-            release = "gt" in record or "prompt" in record
-            parsed = _parse_release_line(record) if release else _parse_own_line(record)
-            if isinstance(parsed, str):
-                yield _skipped_line(record, parsed, _line_language(record, release), manifest, number, audio_root)
-                continue
-            language, relative, transcript, translations = parsed
-            audio = resolve_inside(audio_root, relative)
-            if audio is None:
-                yield Skipped(reason=f"audio path outside the audio root: {relative!r} leaves {audio_root}",
-                              language=language, **where)
-                continue
-            previous = merged.get(audio)
-            if previous is None:
-                key = record.get("id") if isinstance(record.get("id"), str) else None
-                merged[audio] = Utterance(
-                    key=_key(language, key) if key else _hashed_key(language, relative),
-                    audio=audio, language=language, transcript=transcript, translations=dict(translations),
-                    origin=str(manifest), line=number,
-                )
-            elif (previous.language, previous.transcript) != (language, transcript):
-                yield Skipped(
-                    reason=f"conflicting manifest line: audio {relative!r} has another language or transcript on line {previous.line}",
-                    language=language, **where,
-                )
-            else:
-                previous.translations.update(translations)
+    for number, raw in _text_lines(manifest):
+        where = dict(file=str(manifest), line=number)
+        if isinstance(raw, UnicodeDecodeError):
+            yield Skipped(reason=f"malformed manifest line: {describe_bad_utf8(raw)}", **where)
+            continue
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as error:
+            yield Skipped(reason=f"malformed manifest line: not JSON ({error.msg})", **where)
+            continue
+        except RecursionError:
+            yield Skipped(reason="malformed manifest line: not JSON (nested too deeply)", **where)
+            continue
+        if not isinstance(record, dict):
+            yield Skipped(reason="malformed manifest line: not a JSON object", **where)
+            continue
+        release = "gt" in record or "prompt" in record
+        parsed = _parse_release_line(record) if release else _parse_own_line(record)
+        if isinstance(parsed, str):
+            yield _skipped_line(record, parsed, _line_language(record, release), manifest, number, audio_root)
+            continue
+        language, relative, transcript, translations = parsed
+        audio = resolve_inside(audio_root, relative)
+        if audio is None:
+            yield Skipped(reason=f"audio path outside the audio root: {relative!r} leaves {audio_root}",
+                          language=language, **where)
+            continue
+        previous = merged.get(audio)
+        if previous is None:
+            key = record.get("id") if isinstance(record.get("id"), str) else None
+            merged[audio] = Utterance(
+                key=_key(language, key) if key else _hashed_key(language, relative),
+                audio=audio, language=language, transcript=transcript, translations=dict(translations),
+                origin=str(manifest), line=number,
+            )
+        elif (previous.language, previous.transcript) != (language, transcript):
+            yield Skipped(
+                reason=f"conflicting manifest line: audio {relative!r} has another language or transcript on line {previous.line}",
+                language=language, **where,
+            )
+        else:
+            previous.translations.update(translations)
     yield from merged.values()
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
+    """(number, text) for each line, or the decoding error for a line that is not UTF-8: one bad
+    byte costs its line, not the whole file."""
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield number, error
+
+
+def describe_bad_utf8(error: UnicodeDecodeError) -> str:
+    """'not UTF-8 (byte 0xff at column 7)': the first bad byte and its place, for a report."""
+    column = len(error.object[:error.start].decode("utf-8", errors="replace")) + 1
+    return f"not UTF-8 (byte 0x{error.object[error.start]:02x} at column {column})"
 
 
 def _skipped_line(record: dict, reason: str, language: str | None, manifest: Path, line: int,
@@ -136,7 +160,7 @@ def _line_language(record: dict, release: bool) -> str | None:
         code = match.group(1) if match else None
     else:
         code = record.get("language")
-    return code if code in BY_CODE else None
+    return code if isinstance(code, str) and code in BY_CODE else None
 
 
 def _parse_release_line(record: dict) -> tuple[str, str, str, dict[str, str]] | str:
@@ -206,15 +230,21 @@ def read_fleurs(root: Path, split: str) -> Iterator[Utterance | Skipped]:
         if language is None:
             yield Skipped(file=str(table), reason=f"unsupported FLEURS locale: {locale!r} is not one of the 70 languages")
             continue
-        with open(table, encoding="utf-8", newline="") as handle:
-            for number, cells in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-                if len(cells) != FLEURS_COLUMNS:
-                    yield Skipped(file=str(table), line=number, language=language.code,
-                                  reason=f"malformed tsv row: {len(cells)} columns, expected {FLEURS_COLUMNS}")
-                    continue
-                sentence, transcript = cells[0], cells[2].strip()
-                by_id[sentence].setdefault(language.code, transcript)
-                rows.append((language.code, table, number, cells))
+        for number, text in _text_lines(table):
+            if isinstance(text, UnicodeDecodeError):
+                yield Skipped(file=str(table), line=number, language=language.code,
+                              reason=f"malformed tsv row: {describe_bad_utf8(text)}")
+                continue
+            # FLEURS quotes nothing: a row is its line split at tabs (as csv's QUOTE_NONE reads it)
+            text = text.rstrip("\r\n")
+            cells = text.split("\t") if text else []
+            if len(cells) != FLEURS_COLUMNS:
+                yield Skipped(file=str(table), line=number, language=language.code,
+                              reason=f"malformed tsv row: {len(cells)} columns, expected {FLEURS_COLUMNS}")
+                continue
+            sentence, transcript = cells[0], cells[2].strip()
+            by_id[sentence].setdefault(language.code, transcript)
+            rows.append((language.code, table, number, cells))
     for code, table, number, cells in rows:
         sentence, file_name, transcript = cells[0], cells[1], cells[2].strip()
         audio = resolve_inside(table.parent / "audio" / split, file_name)
