@@ -1,3 +1,5 @@
+import json
+import re
 import shutil
 
 import pytest
@@ -9,7 +11,7 @@ from mcat_ds.build import add_language_tags
 from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram
 from mcat_ds.data.loader import Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import ExampleSelection, deal_to_rank, plan_epoch
-from mcat_ds.data.shards import load_index
+from mcat_ds.data.shards import DataError, ShardReader, load_index
 from mcat_ds.tiny import train_tokenizer
 
 WINDOW = FeatureWindow(80, 500)
@@ -100,3 +102,27 @@ def test_a_damaged_sample_is_skipped_counted_and_named(small_shards, tokenizer, 
     assert batch.consumed == 24 and len(batch.keys) == 23
     assert [s.key for s in batch.skipped] == [victim.key]
     assert victim.shard in batch.skipped[0].reason and "unreadable audio" in batch.skipped[0].reason
+
+
+@pytest.mark.parametrize("shard", ["../outside.tar", "/etc/passwd", "", "sub/../../outside.tar", "link.tar"])
+def test_a_shard_named_outside_the_data_folder_is_refused(small_shards, tmp_path, shard):
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    (tmp_path / "outside.tar").write_bytes(b"not yours")
+    (data / "link.tar").symlink_to(tmp_path / "outside.tar")
+    index = data / "index.jsonl"
+    lines = index.read_text().splitlines(keepends=True)
+    lines[2] = json.dumps({**json.loads(lines[2]), "shard": shard}) + "\n"
+    index.write_text("".join(lines))
+    (data / "index.check.json").unlink(missing_ok=True)
+    with pytest.raises(DataError, match=re.escape(f"{index}:3: shard {shard!r} does not name a file inside {data}")):
+        load_index(data)
+
+
+def test_a_shard_that_cannot_be_opened_is_a_named_data_error(small_shards, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    entry = load_index(data)[0]
+    (data / entry.shard).unlink()
+    with pytest.raises(DataError, match=re.escape(f"{data / entry.shard}: cannot open (No such file or directory)")):
+        ShardReader(data).read(entry.shard, entry.meta)

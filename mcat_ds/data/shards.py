@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcat_ds.data.prepare import INDEX_FILE
+from mcat_ds.data.sources import describe_bad_utf8, resolve_inside
 
 
 @dataclass(frozen=True)
@@ -33,24 +34,52 @@ class DataError(ValueError):
 
 
 def load_index(directory: str | Path) -> list[IndexEntry]:
-    """The samples of a prepared directory, in index order."""
+    """The samples of a prepared directory, in index order.
+
+    Every line must be a whole entry whose shard lies inside ``directory``; each problem raises
+    DataError naming the file and the line.
+    """
     directory = Path(directory)
     path = directory / INDEX_FILE
     if not path.is_file():
         raise DataError(f"{directory} holds no {INDEX_FILE}: prepare it first with `mcat prepare`")
     entries = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    root, shards_inside = directory.resolve(), {}
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
             try:
-                record = json.loads(line)
-                entries.append(IndexEntry(
-                    key=record["key"], shard=record["shard"], audio=tuple(record["audio"]),
-                    meta=tuple(record["meta"]), language=record["language"], seconds=float(record["seconds"]),
-                    chars=int(record["chars"]), translations=tuple(record["translations"]),
-                ))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise DataError(f"{path}:{number}: damaged index line ({error})") from None
+                entry = _index_entry(raw)
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: damaged index line ({describe_bad_utf8(error)})") from None
+            except (json.JSONDecodeError, RecursionError, KeyError, TypeError, ValueError) as error:
+                raise DataError(f"{path}:{number}: damaged index line ({type(error).__name__}: {error})") from None
+            if entry.shard not in shards_inside:
+                inside = resolve_inside(directory, entry.shard)
+                shards_inside[entry.shard] = inside is not None and inside != root
+            if not shards_inside[entry.shard]:
+                raise DataError(f"{path}:{number}: shard {entry.shard!r} does not name a file inside {directory}")
+            entries.append(entry)
     return entries
+
+
+def _index_entry(raw: bytes) -> IndexEntry:
+    record = json.loads(raw.decode("utf-8"))
+    entry = IndexEntry(
+        key=record["key"], shard=record["shard"], audio=_byte_range(record["audio"]),
+        meta=_byte_range(record["meta"]), language=record["language"], seconds=float(record["seconds"]),
+        chars=int(record["chars"]), translations=tuple(record["translations"]),
+    )
+    if not all(isinstance(text, str) for text in (entry.key, entry.shard, entry.language)):
+        raise TypeError("key, shard and language must be strings")
+    if not isinstance(record["translations"], list) or not all(isinstance(code, str) for code in entry.translations):
+        raise TypeError("translations must be a list of language codes")
+    return entry
+
+
+def _byte_range(value) -> tuple[int, int]:
+    if isinstance(value, list) and len(value) == 2 and all(type(number) is int and number >= 0 for number in value):
+        return value[0], value[1]
+    raise ValueError(f"byte range {value!r} is not [offset, size]")
 
 
 class ShardReader:
@@ -64,7 +93,10 @@ class ShardReader:
     def read(self, shard: str, span: tuple[int, int]) -> bytes:
         handle = self._open.pop(shard, None)
         if handle is None:
-            handle = open(self.directory / shard, "rb")
+            try:
+                handle = open(self.directory / shard, "rb")
+            except OSError as error:
+                raise DataError(f"{self.directory / shard}: cannot open ({error.strerror})") from None
             if len(self._open) >= self.max_open:
                 self._open.popitem(last=False)[1].close()
         self._open[shard] = handle
