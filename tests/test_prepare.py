@@ -1,6 +1,9 @@
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -13,7 +16,7 @@ import webdataset
 from mcat_ds.data import prepare
 from mcat_ds.data.audio import decode_audio
 from mcat_ds.data.prepare import ShardLimits, prepare_shards
-from mcat_ds.data.shards import ShardReader, load_index
+from mcat_ds.data.shards import DataError, ShardReader, load_index
 from mcat_ds.data.sources import read_manifest
 
 encode_utterance = prepare._encode_utterance
@@ -156,6 +159,7 @@ def test_a_worker_that_dies_stops_prepare_with_its_file_named(messy_corpus, tmp_
     with time_limit(120), pytest.raises(RuntimeError, match="a worker process died") as error:
         prepare_shards(read_manifest(manifest, audio), out, max_seconds=5.0, workers=2)
     assert str(audio / "good3.wav") in str(error.value) and f"{manifest} line 4" in str(error.value)
+    assert not out.exists() and list(tmp_path.glob("out.partial-*")) == []
 
 
 def test_results_come_in_input_order_with_a_bounded_number_in_flight():
@@ -170,3 +174,57 @@ def test_results_come_in_input_order_with_a_bounded_number_in_flight():
         for expected, result in enumerate(prepare.in_worker_processes(abs, jobs(), workers=2)):
             assert result == expected and len(taken) - expected <= 2 * prepare.JOBS_PER_WORKER
     assert len(taken) == 50
+
+
+def test_a_failed_prepare_leaves_nothing_behind_and_a_rerun_starts_over(messy_corpus, tmp_path):
+    manifest, audio = messy_corpus
+    out = tmp_path / "out"
+
+    def cut_short():
+        for number, record in enumerate(read_manifest(manifest, audio)):
+            if number == 8:  # some utterances are in a shard by now
+                raise RuntimeError("the input went away")
+            yield record
+
+    with pytest.raises(RuntimeError, match="the input went away"):
+        prepare_shards(cut_short(), out, max_seconds=5.0, limits=ShardLimits(max_samples=2), workers=1)
+    assert not out.exists() and list(tmp_path.glob("out.partial-*")) == []
+    assert prepare_shards(read_manifest(manifest, audio), out, max_seconds=5.0, workers=1)["written"] == 7
+
+
+def test_partial_folders_of_dead_runs_are_removed_and_a_live_runs_kept(messy_corpus, tmp_path):
+    manifest, audio = messy_corpus
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f"out.partial-{host}-{dead}"
+    (stale / "nested").mkdir(parents=True)
+    live = tmp_path / f"out.partial-{host}-{os.getppid()}"
+    live.mkdir()
+    elsewhere = tmp_path / f"out.partial-another-node-{dead}"  # its pid means nothing on this host
+    elsewhere.mkdir()
+    (tmp_path / "out").mkdir()  # an empty directory is taken
+    prepare_shards(read_manifest(manifest, audio), tmp_path / "out", max_seconds=5.0, workers=1)
+    assert not stale.exists() and live.is_dir() and elsewhere.is_dir()
+    assert len(load_index(tmp_path / "out")) == 7
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        prepare_shards(read_manifest(manifest, audio), tmp_path / "other", max_seconds=5.0, workers=1)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_cut_or_changed_index_is_refused_and_one_without_a_check_still_loads(small_shards, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    index = data / "index.jsonl"
+    lines = index.read_bytes().splitlines(keepends=True)
+    assert json.loads((data / "index.check.json").read_text())["entries"] == len(lines) == 24
+    index.write_bytes(b"".join(lines[:-1]))  # cut at a line boundary: every line is whole
+    with pytest.raises(DataError, match=re.escape(f"{index}: 23 entries, but index.check.json records 24")):
+        load_index(data)
+    index.write_bytes(b"".join([lines[1], lines[0], *lines[2:]]))
+    with pytest.raises(DataError, match=re.escape(f"{index}: its sha256 differs")):
+        load_index(data)
+    (data / "index.check.json").unlink()  # as prepared before the check was recorded
+    assert [entry.key for entry in load_index(data)][:2] == [json.loads(lines[1])["key"], json.loads(lines[0])["key"]]

@@ -5,18 +5,25 @@ A prepared dataset directory::
     shard-000000.tar ...   webdataset shards: <key>.flac (16 kHz mono) and <key>.json (metadata)
     index.jsonl            one line per sample: key, shard, byte ranges, language, seconds,
                            transcript length, translation languages (no audio, no text)
+    index.check.json       the index's entry count and sha256, so that a cut or damaged index is
+                           noticed when it is loaded
     report.json            written / skipped counts per language and direction, hours per language,
                            and every skipped input with file, line and reason
 
 Nothing that cannot be used is silently lost: each such input is counted and listed in the report.
+The directory appears whole or not at all: it is written as a sibling and renamed once complete.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
+import socket
 import tarfile
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +37,7 @@ from mcat_ds.data.sources import Skipped, Utterance
 from mcat_ds.optional import require
 
 INDEX_FILE = "index.jsonl"
+INDEX_CHECK_FILE = "index.check.json"
 REPORT_FILE = "report.json"
 SHARD_PATTERN = "shard-%06d.tar"
 JOBS_PER_WORKER = 4
@@ -144,15 +152,75 @@ def prepare_shards(
     limits: ShardLimits = ShardLimits(),
     workers: int | None = None,
 ) -> dict:
-    """Write shards, ``index.jsonl`` and ``report.json`` into ``out`` (which must hold no shards yet)
-    and return the report."""
+    """Write shards, ``index.jsonl``, its check and ``report.json`` into ``out`` (which must not exist
+    or be empty) and return the report.
+
+    Everything is written into a sibling ``<out>.partial-<host>-<pid>``, flushed to disk and renamed
+    to ``out`` once complete, so a failed or killed run leaves nothing under ``out`` and a rerun
+    starts over; the partial folders of runs no longer alive are removed first.
+    """
     require_audio_packages()  # here, not in a worker process halfway through
-    shard_writer = require("webdataset").ShardWriter
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if list(out.glob("shard-*.tar")) or (out / INDEX_FILE).exists():
+    if (out / INDEX_FILE).exists():
         raise FileExistsError(f"{out} already holds prepared shards; choose an empty directory")
-    workers = workers or os.cpu_count() or 1
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory; choose an empty or new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    staging = out.with_name(f"{_partial_prefix(out)}{os.getpid()}")
+    staging.mkdir()
+    try:
+        report = _write_prepared(records, staging, max_seconds, limits, workers or os.cpu_count() or 1)
+        _flush_to_disk(staging)
+        # rename(2) replaces an empty directory in one step, so `out` is never half written
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _flush_to_disk(out.parent, files=False)
+    return report
+
+
+def _partial_prefix(out: Path) -> str:
+    # The host is part of the name: on a shared file system another node's pids mean nothing here.
+    return f"{out.name}.partial-{socket.gethostname()}-"
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Removes what killed runs on this host left beside ``out``; a live run's folder stays."""
+    prefix = _partial_prefix(out)
+    for partial in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = partial.name[len(prefix):]
+        # our own pid can only be an earlier process's that had it, since this run has not begun
+        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _flush_to_disk(folder: Path, files: bool = True) -> None:
+    """fsync the folder's files and the folder itself, so that a rename is never of unwritten data."""
+    for path in folder.iterdir() if files else ():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_prepared(records: Iterable[Utterance | Skipped], out: Path, max_seconds: float, limits: ShardLimits,
+                    workers: int) -> dict:
+    shard_writer = require("webdataset").ShardWriter
     skipped: list[Skipped] = []
     seen: dict[str, Utterance] = {}
 
@@ -188,7 +256,8 @@ def prepare_shards(
             metadata[utterance.key] = meta
 
     shards = sorted(out.glob("shard-*.tar"))
-    with open(out / INDEX_FILE, "w", encoding="utf-8") as index:
+    entries, digest = 0, hashlib.sha256()
+    with open(out / INDEX_FILE, "wb") as index:
         for shard in shards:
             for key, ranges in _member_ranges(shard).items():
                 meta = metadata[key]
@@ -202,7 +271,12 @@ def prepare_shards(
                     "chars": len(meta["transcript"]),
                     "translations": sorted(meta["translations"]),
                 }
-                index.write(json.dumps(entry) + "\n")
+                line = (json.dumps(entry) + "\n").encode("utf-8")
+                index.write(line)
+                digest.update(line)
+                entries += 1
+    (out / INDEX_CHECK_FILE).write_text(json.dumps({"entries": entries, "sha256": digest.hexdigest()}) + "\n",
+                                        encoding="utf-8")
     report = _report(metadata.values(), skipped, [shard.name for shard in shards])
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report

@@ -8,12 +8,13 @@ position in the stream is a number, not the state of shuffle buffers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcat_ds.data.prepare import INDEX_FILE
+from mcat_ds.data.prepare import INDEX_CHECK_FILE, INDEX_FILE
 from mcat_ds.data.sources import describe_bad_utf8, resolve_inside
 
 
@@ -36,17 +37,19 @@ class DataError(ValueError):
 def load_index(directory: str | Path) -> list[IndexEntry]:
     """The samples of a prepared directory, in index order.
 
-    Every line must be a whole entry whose shard lies inside ``directory``; each problem raises
-    DataError naming the file and the line.
+    Every line must be a whole entry whose shard lies inside ``directory``; where prepare recorded
+    the index's entry count and sha256 (``index.check.json``), a cut or changed index is refused
+    too. Each problem raises DataError naming the file (and the line).
     """
     directory = Path(directory)
     path = directory / INDEX_FILE
     if not path.is_file():
         raise DataError(f"{directory} holds no {INDEX_FILE}: prepare it first with `mcat prepare`")
-    entries = []
+    entries, digest = [], hashlib.sha256()
     root, shards_inside = directory.resolve(), {}
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
+            digest.update(raw)
             try:
                 entry = _index_entry(raw)
             except UnicodeDecodeError as error:
@@ -59,6 +62,7 @@ def load_index(directory: str | Path) -> list[IndexEntry]:
             if not shards_inside[entry.shard]:
                 raise DataError(f"{path}:{number}: shard {entry.shard!r} does not name a file inside {directory}")
             entries.append(entry)
+    _check_index(directory, len(entries), digest.hexdigest())
     return entries
 
 
@@ -80,6 +84,25 @@ def _byte_range(value) -> tuple[int, int]:
     if isinstance(value, list) and len(value) == 2 and all(type(number) is int and number >= 0 for number in value):
         return value[0], value[1]
     raise ValueError(f"byte range {value!r} is not [offset, size]")
+
+
+def _check_index(directory: Path, entries: int, sha256: str) -> None:
+    """Compares the index with what prepare recorded of it; indexes from before the record pass."""
+    path, check = directory / INDEX_FILE, directory / INDEX_CHECK_FILE
+    if not check.exists():
+        return
+    try:
+        recorded = json.loads(check.read_bytes().decode("utf-8"))
+        expected, expected_sha256 = int(recorded["entries"]), str(recorded["sha256"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{check}: damaged ({type(error).__name__}: {error}); prepare the data again") from None
+    advice = f"prepare the data again, or delete {check.name} if the index was edited on purpose"
+    if entries != expected:
+        raise DataError(f"{path}: {entries} entries, but {check.name} records {expected}: "
+                        f"the index was cut short or changed; {advice}")
+    if sha256 != expected_sha256:
+        raise DataError(f"{path}: its sha256 differs from the one {check.name} records: "
+                        f"the index was damaged or changed; {advice}")
 
 
 class ShardReader:
