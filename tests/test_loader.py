@@ -11,7 +11,7 @@ from mcat_ds.build import add_language_tags
 from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram
 from mcat_ds.data.loader import Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import ExampleSelection, deal_to_rank, plan_epoch
-from mcat_ds.data.shards import DataError, ShardReader, load_index
+from mcat_ds.data.shards import DataError, ShardReader, load_index, read_sample_meta
 from mcat_ds.tiny import train_tokenizer
 
 WINDOW = FeatureWindow(80, 500)
@@ -126,3 +126,43 @@ def test_a_shard_that_cannot_be_opened_is_a_named_data_error(small_shards, tmp_p
     (data / entry.shard).unlink()
     with pytest.raises(DataError, match=re.escape(f"{data / entry.shard}: cannot open (No such file or directory)")):
         ShardReader(data).read(entry.shard, entry.meta)
+
+
+def overwrite_meta(data, entry, blob: bytes) -> None:
+    """The sample's metadata replaced in place, padded with spaces to the member's size."""
+    assert len(blob) <= entry.meta[1]
+    with open(data / entry.shard, "r+b") as shard:
+        shard.seek(entry.meta[0])
+        shard.write(blob.ljust(entry.meta[1]))
+
+
+@pytest.mark.parametrize("blob, problem", [
+    (b'{"transcript": "caf\xe9", "translations": {}}', "metadata is not UTF-8 (byte 0xe9 at column 20)"),
+    (b'{"transcript": "x", "transl', "metadata is not JSON"),
+    (b'["transcript"]', "metadata is not a JSON object"),
+    (b'{"translations": {}}', "metadata has no transcript string"),
+    (b'{"transcript": "x", "translations": ["deu"]}', "metadata translations do not map language codes to strings"),
+    (b'{"transcript": "x", "translations": {"deu": 5}}', "metadata translations do not map language codes to strings"),
+])
+def test_damaged_metadata_is_a_data_error_naming_shard_and_key(small_shards, tmp_path, blob, problem):
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    entry = load_index(data)[0]
+    overwrite_meta(data, entry, blob)
+    with pytest.raises(DataError, match=re.escape(f"{data / entry.shard}: sample {entry.key}: {problem}")):
+        read_sample_meta(ShardReader(data), entry)
+
+
+def test_a_sample_with_damaged_or_incomplete_metadata_is_skipped_not_a_crash(small_shards, tokenizer, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_shards, data)
+    entries = load_index(data)
+    broken, incomplete = entries[0], next(entry for entry in entries[1:] if entry.translations)
+    overwrite_meta(data, broken, b'{"transcript": 5}')
+    overwrite_meta(data, incomplete, json.dumps({"transcript": "x", "translations": {}}).encode())
+    loader, share = loader_for(data, tokenizer, ExampleSelection("srt", SMALL_LANGUAGES), batch=100)
+    batch = next(iter(loader))
+    reasons = {item.key: item.reason for item in batch.skipped}
+    assert reasons[broken.key] == f"{data / broken.shard}: sample {broken.key}: metadata has no transcript string"
+    assert reasons[incomplete.key].startswith(f"{incomplete.shard}: the metadata has no ")
+    assert batch.consumed == len(share) and len(batch.keys) + len(batch.skipped) == len(share)

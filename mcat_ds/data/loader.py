@@ -8,7 +8,6 @@ uninterrupted run would have seen after N.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from mcat_ds.data.audio import (
     require_audio_packages,
 )
 from mcat_ds.data.plan import PlannedExample
-from mcat_ds.data.shards import DataError, IndexEntry, ShardReader
+from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, read_sample_meta
 from mcat_ds.prompts import build_prompt, build_target
 
 
@@ -73,14 +72,17 @@ class ExampleDataset(Dataset):
         example = self.examples[index]
         entry = self.entries[example.entry]
         try:
-            meta = json.loads(self.reader.read(entry.shard, entry.meta))
-            samples = decode_audio(self.reader.read(entry.shard, entry.audio))
-        except (DataError, AudioError, json.JSONDecodeError, OSError) as error:
+            meta = read_sample_meta(self.reader, entry)
+            samples = decode_audio(self.reader.read(entry.shard, entry.audio), max_seconds=self.window.seconds)
+        except DataError as error:  # its message names the shard file and the sample
+            return SkippedExample(entry.key, str(error))
+        except AudioError as error:
             return SkippedExample(entry.key, f"{entry.shard}: {error}")
-        if samples.size > self.window.samples:
-            return SkippedExample(entry.key, f"too long: {samples.size / 16000:.2f} s > {self.window.seconds:g} s window")
         transcript = meta["transcript"]
         translation = meta["translations"].get(example.tgt) if example.tgt else None
+        if self.with_targets and example.tgt and translation is None:
+            return SkippedExample(entry.key, f"{entry.shard}: the metadata has no {example.tgt} translation, "
+                                             "though the index lists one")
         prompt = build_prompt(example.task, example.src, example.tgt, transcript=transcript)
         target = None
         if self.with_targets:

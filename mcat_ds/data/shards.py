@@ -138,3 +138,24 @@ class ShardReader:
     def __getstate__(self) -> dict:
         # Open files do not cross into worker processes; each worker opens its own.
         return {"directory": self.directory, "max_open": self.max_open, "_open": OrderedDict()}
+
+
+def read_sample_meta(reader: ShardReader, entry: IndexEntry) -> dict:
+    """A sample's metadata from its shard: a dict with a str ``transcript`` and ``translations``
+    mapping language codes to str. Anything else raises DataError naming the shard and the key."""
+    where = f"{reader.directory / entry.shard}: sample {entry.key}"
+    blob = reader.read(entry.shard, entry.meta)
+    try:
+        meta = json.loads(blob.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: metadata is {describe_bad_utf8(error)}") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise DataError(f"{where}: metadata is not JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: metadata is not a JSON object")
+    if not isinstance(meta.get("transcript"), str):
+        raise DataError(f"{where}: metadata has no transcript string")
+    translations = meta.get("translations")
+    if not isinstance(translations, dict) or not all(isinstance(text, str) for text in translations.values()):
+        raise DataError(f"{where}: metadata translations do not map language codes to strings")
+    return meta
