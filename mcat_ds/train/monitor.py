@@ -4,21 +4,42 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from mcat_ds.files import write_atomically
+
 METRICS_FILE = "metrics.jsonl"
 
 
-def truncate_metrics(path: Path, after_step: int) -> None:
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def truncate_metrics(path: Path, after_step: int, warn: Callable[[str], None] = _to_stderr) -> None:
     """Drop lines logged after the checkpoint a run resumes from: the steps will be redone, and each
-    step must appear once."""
+    step must appear once. A line a kill cut (or any line that is not a metrics record) is dropped
+    with a warning naming file and line; the file is replaced whole, so a kill here loses nothing."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            step = json.loads(raw.decode("utf-8"))["step"]
+            if not isinstance(step, int):
+                raise TypeError(f"step is {step!r}")
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            warn(f"{path}:{number}: dropped a line that is not a metrics record ({error.__class__.__name__}), "
+                 "e.g. one a kill cut short")
+            continue
+        if step <= after_step:
+            kept.append(raw + b"\n")
+    write_atomically(path, b"".join(kept))
 
 
 class StageMonitor:
