@@ -31,6 +31,7 @@ import mcat_ds
 from mcat_ds.build import CheckpointError, Tokenizer, build_model
 from mcat_ds.config import MCATConfig, from_dict
 from mcat_ds.environment import describe_environment
+from mcat_ds.files import fsync_directory, fsync_tree, remove_stale_staging, staging_sibling
 from mcat_ds.model import MCATModel
 
 CONFIG_FILE = "mcat_config.json"
@@ -68,12 +69,15 @@ def run_environment(config: MCATConfig) -> dict[str, Any]:
 
 
 def _replace_directory(staging: Path, final: Path) -> None:
+    """``staging`` (flushed) becomes ``final``; an existing ``final`` stays whole until then."""
+    fsync_tree(staging)
     previous = final.with_name(final.name + ".previous")
     if previous.exists():
         shutil.rmtree(previous)
     if final.exists():
         os.replace(final, previous)
     os.replace(staging, final)
+    fsync_directory(final.parent)
     if previous.exists():
         shutil.rmtree(previous)
 
@@ -88,7 +92,8 @@ def save_checkpoint(
     """Write the trainable weights: the model's own, or ``weights`` (trainable parameter name ->
     tensor, e.g. the fp32 masters a bf16 engine keeps) where given."""
     final = Path(directory)
-    staging = final.with_name(f"{final.name}.partial-{os.getpid()}")
+    remove_stale_staging(final)  # left by a writer that was killed
+    staging = staging_sibling(final)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)

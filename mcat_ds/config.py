@@ -204,6 +204,10 @@ class RuntimeConfig:
     it, so a CPU run has the GPU's dtypes (bf16 engine and weights, fp32 masters): what the tests use
     to exercise the GPU configuration without a GPU."""
     keep_checkpoints: int = 2
+    accept_changed_data: bool = False
+    """Resume a stage although the data its checkpoint's position counts in changed (another index,
+    seed, selection or batch size): the position is kept as a count of examples. Off, such a resume
+    stops and names what changed."""
     seed: int = 0
     threads_per_rank: int = 1
     """PyTorch math threads per rank. Fixed rather than derived from the host's core count: the

@@ -14,10 +14,10 @@ from conftest import deepspeed_training_command, read_metrics
 pytestmark = pytest.mark.slow
 
 
-def train(run_dir, small_shards, *extra, stage="asr-l2", steps=12):
+def train(run_dir, small_shards, *extra, stage="asr-l2", steps=12, ranks=2):
     return deepspeed_training_command(
         "--stage", stage, "--preset", "tiny", "--run-dir", str(run_dir), "--data", str(small_shards),
-        "--max-steps", str(steps), "--save-every", "3", "--set", "stage.eval_every=0", *extra,
+        "--max-steps", str(steps), "--save-every", "3", "--set", "stage.eval_every=0", *extra, ranks=ranks,
     )
 
 
@@ -71,6 +71,56 @@ def test_a_killed_run_resumes_with_the_same_loss_curve(uninterrupted, small_shar
     final, reference = (load_file(str(d / "asr-l2" / "final" / "adapter.safetensors")) for d in (tmp_path, uninterrupted))
     for name, tensor in reference.items():
         assert (final[name] - tensor).abs().max() < 1e-5, name
+
+
+def start_and_kill(command, metrics, steps_logged):
+    """Run a training command until ``steps_logged`` steps are in ``metrics``, then SIGKILL it."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    try:
+        wait_for(lambda: metrics.is_file() and len(read_metrics(metrics)) >= steps_logged)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_a_cut_newest_checkpoint_falls_back_and_changed_data_is_refused(uninterrupted, small_shards, tmp_path):
+    """The newest checkpoint claims COMPLETE but its tensors did not reach the disk: the resume takes
+    the one before it, says so, and redoes the steps to the same losses; a resume with another data
+    seed stops first, naming it."""
+    metrics = tmp_path / "asr-l2" / "metrics.jsonl"
+    start_and_kill(train(tmp_path, small_shards), metrics, 7)
+    checkpoints = tmp_path / "asr-l2" / "checkpoints"
+    newest = sorted(checkpoints.glob("step-*/COMPLETE"))[-1].parent
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+    refused = run(train(tmp_path, small_shards, "--set", "data.seed=1"))
+    assert refused.returncode != 0 and "data.seed: 0 then, 1 now" in refused.stderr, refused.stderr[-3000:]
+
+    result = run(train(tmp_path, small_shards))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"passed over: {newest.name} (trainable.safetensors holds" in result.stderr
+    expected = read_metrics(uninterrupted / "asr-l2" / "metrics.jsonl")
+    resumed = read_metrics(metrics)
+    assert [m["step"] for m in resumed] == list(range(1, 13))
+    for got, want in zip(resumed, expected):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), got["step"]
+
+
+def test_a_run_resumed_on_fewer_ranks_continues_the_epoch(small_shards, tmp_path):
+    """12 examples a epoch, micro-batches of 4 on 2 ranks (2 steps a epoch): one rank takes what the
+    two left of the epoch they were in (test_training_units checks that no example repeats)."""
+    metrics = tmp_path / "asr-l2" / "metrics.jsonl"
+    batch = ("--set", "stage.micro_batch_size=4")
+    start_and_kill(train(tmp_path, small_shards, *batch), metrics, 4)
+    saved = json.loads(sorted((tmp_path / "asr-l2" / "checkpoints").glob("step-*/state.json"))[-1].read_text())
+    assert saved["world_size"] == 2 and saved["positions"][0] == saved["positions"][1]
+    resumed = run(train(tmp_path, small_shards, *batch, ranks=1))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert (f"was saved by 2 ranks: the rest of epoch {saved['epoch']} (from example {2 * saved['positions'][0]} "
+            "of its plan) is dealt to 1") in resumed.stderr
+    assert [m["step"] for m in read_metrics(metrics)] == list(range(1, 13))
 
 
 def test_sigusr1_saves_and_exits_for_requeue_then_resumes(small_shards, tmp_path):

@@ -4,14 +4,35 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from mcat_ds.config import ConfigError
+from mcat_ds.data.plan import deal_to_rank
 from mcat_ds.presets import resolve_config
 from mcat_ds.train.distributed import rendezvous_environment
 from mcat_ds.train.engine import RECIPE_KEYS, deepspeed_config, learning_rate
 from mcat_ds.train.monitor import truncate_metrics
-from mcat_ds.train.stage import Placement, StageError, _starting_point, run_stage, stage_paths
-from mcat_ds.train.state import COMPLETE_FILE, LATEST_FILE, _prune, latest_checkpoint
+from mcat_ds.train.stage import (
+    Placement,
+    StageError,
+    _starting_point,
+    check_resumable,
+    resumed_position,
+    run_stage,
+    stage_paths,
+)
+from mcat_ds.train.state import (
+    COMPLETE_FILE,
+    LATEST_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    TrainingState,
+    _prune,
+    _remove_unfinished,
+    checkpoint_problem,
+    latest_checkpoint,
+)
 
 
 def test_engine_files_hold_no_recipe_keys_and_the_recipe_is_injected(tmp_path):
@@ -68,24 +89,86 @@ def test_no_data_for_the_stage_languages_is_a_clear_error(small_shards, tmp_path
 
 
 def make_checkpoint(root, step, complete=True):
+    """A checkpoint folder whose files read back whole (tiny tensors, as a save writes them)."""
     path = root / f"step-{step:08d}"
     path.mkdir(parents=True)
+    save_file({"w": torch.full((4,), float(step))}, str(path / WEIGHTS_FILE))
+    save_file({"w::exp_avg": torch.zeros(4), "w::exp_avg_sq": torch.zeros(4)}, str(path / OPTIMIZER_FILE))
+    (path / STATE_FILE).write_text(json.dumps({"step": step, "epoch": 0, "positions": [step], "world_size": 1,
+                                               "adam_step": step}))
     if complete:
         (path / COMPLETE_FILE).write_text("")
     return path
 
 
-def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+def cut(path, keep_bytes):
+    path.write_bytes(path.read_bytes()[:keep_bytes])
+
+
+def test_the_newest_complete_checkpoint_wins_over_a_stale_pointer(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     make_checkpoint(tmp_path, 10)
     newest = make_checkpoint(tmp_path, 20)
     make_checkpoint(tmp_path, 30, complete=False)  # killed while writing
     (tmp_path / LATEST_FILE).write_text("step-00000030")
     assert latest_checkpoint(tmp_path) == newest
-    (tmp_path / LATEST_FILE).write_text("step-00000010")
-    assert latest_checkpoint(tmp_path).name == "step-00000010"
+    (tmp_path / LATEST_FILE).write_text("step-00000010")  # killed between COMPLETE and the pointer's move
+    assert latest_checkpoint(tmp_path) == newest
     _prune(tmp_path, keep=1)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000020", "step-00000030"]
+
+
+def test_a_cut_checkpoint_is_named_and_pruning_spares_the_older_ones(tmp_path):
+    make_checkpoint(tmp_path, 10)
+    newest = make_checkpoint(tmp_path, 20)
+    assert checkpoint_problem(newest) is None
+    size = (newest / WEIGHTS_FILE).stat().st_size
+    cut(newest / WEIGHTS_FILE, size - 3)  # the tensors never reached the disk, COMPLETE did
+    assert f"holds {size - 3} bytes, its header says {size}" in checkpoint_problem(newest)
+    _prune(tmp_path, keep=1)
+    assert (tmp_path / "step-00000010").is_dir(), "the last loadable checkpoint was pruned"
+    cut(newest / OPTIMIZER_FILE, 5)
+    (newest / WEIGHTS_FILE).unlink()
+    assert checkpoint_problem(newest) == f"{WEIGHTS_FILE} is missing"
+    (newest / STATE_FILE).write_bytes(b'{"step": 2\xff')
+    assert checkpoint_problem(newest).startswith(f"{STATE_FILE} is damaged")
+
+
+def test_unfinished_saves_are_cleared(tmp_path):
+    make_checkpoint(tmp_path, 10)
+    make_checkpoint(tmp_path, 20, complete=False)
+    (tmp_path / f"{LATEST_FILE}.tmp-123").write_text("step-00000020")
+    _remove_unfinished(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010"]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (4, 3), (3, 8)])
+def test_a_resume_on_another_number_of_ranks_sees_each_example_once(before, after):
+    plan = list(range(101))  # stands for an epoch's planned examples
+    positions = [6] * before  # every rank took 6 of its share (micro-batches of 2 or 3, say)
+    seen = [example for rank in range(before) for example in deal_to_rank(plan, rank, before)[:6]]
+    state = TrainingState(step=3, epoch=0, positions=positions, world_size=before)
+    for rank in range(after):
+        offset, position = resumed_position(state, Placement(rank, after, torch.device("cpu")))
+        seen += deal_to_rank(plan, rank, after, offset)[position:]
+    assert len(seen) == len(set(seen)), "an example was repeated"
+    assert len(plan) - len(seen) < after, "more than the epoch's remainder was left out"
+    # saved again on the new ranks, then resumed on the old number: still nothing repeated
+    state = TrainingState(step=4, epoch=0, positions=[2] * after, world_size=after, plan_offset=6 * before)
+    again = [e for rank in range(before) for e in deal_to_rank(plan, rank, before, state.examples_consumed())]
+    used = [e for rank in range(after) for e in deal_to_rank(plan, rank, after, 6 * before)[:2]]
+    assert set(again).isdisjoint(used) and set(again).isdisjoint(seen[:6 * before])
+
+
+def test_a_resume_with_other_data_settings_is_refused_by_name(tmp_path):
+    saved = {"data.index_sha256": "ab", "data.seed": 0, "stage.micro_batch_size": 3}
+    assert check_resumable(saved, dict(saved), tmp_path, accept=False) is None
+    changed = {**saved, "data.seed": 1, "stage.micro_batch_size": 4}
+    with pytest.raises(StageError, match=r"data.seed: 0 then, 1 now; stage.micro_batch_size: 3 then, 4 now.*"
+                                         r"runtime.accept_changed_data=true"):
+        check_resumable(saved, changed, tmp_path, accept=False)
+    assert "data.seed" in check_resumable(saved, changed, tmp_path, accept=True)
+    assert "predates" in check_resumable(None, changed, tmp_path, accept=False)
 
 
 def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
@@ -93,6 +176,17 @@ def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
     truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("damage", [b'{"step": 8, "lo', b'{"step": 8, "note": "\xe6\x97', b"\xff\xfe garbage", b'{"loss": 1}'])
+def test_a_damaged_metrics_line_is_dropped_with_its_file_and_line_named(tmp_path, damage):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"".join(json.dumps({"step": s}).encode() + b"\n" for s in range(1, 4)) + damage)
+    warnings = []
+    truncate_metrics(path, 10, warn=warnings.append)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{path}:4: dropped")
+    assert not list(tmp_path.glob("metrics.jsonl.tmp-*"))
 
 
 def test_rendezvous_from_slurm_or_defaults():

@@ -87,11 +87,18 @@ def plan_epoch(entries: Sequence[IndexEntry], selection: ExampleSelection, seed:
     return [examples[i] for i in order]
 
 
-def deal_to_rank(plan: Sequence[PlannedExample], rank: int, world_size: int) -> list[PlannedExample]:
-    """Rank ``rank``'s disjoint share; every rank gets the same count (the last len % world_size
-    examples of the epoch's order are left for the next epoch's shuffle)."""
-    per_rank = len(plan) // world_size
-    return list(plan[rank::world_size][:per_rank])
+def deal_to_rank(plan: Sequence[PlannedExample], rank: int, world_size: int, offset: int = 0) -> list[PlannedExample]:
+    """Rank ``rank``'s disjoint share of ``plan[offset:]``; every rank gets the same count (the last
+    few examples of the epoch's order, fewer than ``world_size``, are left for the next epoch's
+    shuffle).
+
+    Dealt round-robin, so after every rank has taken ``p`` examples the ranks together have used up
+    exactly ``plan[offset:offset + p * world_size]``: a run resumed on another number of ranks deals
+    the rest from ``offset + p * world_size`` and sees every example of the epoch once.
+    """
+    rest = plan[offset:]
+    per_rank = len(rest) // world_size
+    return list(rest[rank::world_size][:per_rank])
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ Layout of a run directory (one per curriculum)::
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from mcat_ds.curriculum import example_selection
 from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram
 from mcat_ds.data.loader import Batch, Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import deal_to_rank, plan_epoch
+from mcat_ds.data.prepare import INDEX_FILE
 from mcat_ds.data.shards import load_index
 from mcat_ds.train.costs import check_memory_fits, peak_flops, step_flops
 from mcat_ds.train.engine import deepspeed_config, learning_rate, make_optimizer
@@ -37,11 +39,14 @@ from mcat_ds.train.monitor import StageMonitor
 from mcat_ds.train.preemption import PREEMPTED_EXIT_CODE, stop_requested
 from mcat_ds.train.validation import all_reduce_sum, validate
 from mcat_ds.train.state import (
+    CheckpointReadError,
+    TrainingState,
     full_trainable_state,
     latest_checkpoint,
-    load_training_state,
     prime_optimizer_states,
+    resume_training_state,
     save_training_state,
+    saved_data_identity,
 )
 
 
@@ -128,24 +133,72 @@ class _ExampleStream:
                                  pack_to_multiple=pack_to_multiple)
         self.with_targets = with_targets
 
-    def share(self, epoch: int):
+    def share(self, epoch: int, offset: int = 0):
         plan = plan_epoch(self.entries, self.selection, self.config.data.seed, epoch)
-        return deal_to_rank(plan, self.placement.rank, self.placement.world_size)
+        return deal_to_rank(plan, self.placement.rank, self.placement.world_size, offset)
 
-    def epoch_batches(self, epoch: int, position: int, num_workers: int) -> Iterator[Batch]:
-        dataset = ExampleDataset(self.data_dir, self.entries, self.share(epoch), self.tokenizer, self.window,
+    def epoch_batches(self, epoch: int, position: int, num_workers: int, offset: int = 0) -> Iterator[Batch]:
+        dataset = ExampleDataset(self.data_dir, self.entries, self.share(epoch, offset), self.tokenizer, self.window,
                                  with_targets=self.with_targets)
         yield from make_loader(dataset, self.collator, self.config.stage.micro_batch_size, position, num_workers)
 
-    def batches(self, epoch: int, position: int, num_workers: int) -> Iterator[tuple[int, int, Batch]]:
-        """(epoch, position after the batch, batch), epoch after epoch."""
+    def batches(self, epoch: int, position: int, num_workers: int, offset: int = 0
+                ) -> Iterator[tuple[int, int, int, Batch]]:
+        """(epoch, plan offset, position after the batch, batch), epoch after epoch."""
         if not self.share(epoch):
             raise StageError(f"{self.data_dir}: the stage's plan has fewer examples than the {self.placement.world_size} ranks")
         while True:
-            for batch in self.epoch_batches(epoch, position, num_workers):
+            for batch in self.epoch_batches(epoch, position, num_workers, offset):
                 position += batch.consumed
-                yield epoch, position, batch
-            epoch, position = epoch + 1, 0
+                yield epoch, offset, position, batch
+            epoch, offset, position = epoch + 1, 0, 0
+
+
+def data_identity(config: MCATConfig) -> dict[str, object]:
+    """What a saved data position means: the examples (the index's content, wherever it lies now),
+    their selection and order, and how many a step takes. A resume compares it key by key."""
+    digest = hashlib.sha256()
+    with open(Path(config.data.path) / INDEX_FILE, "rb") as index:
+        for block in iter(lambda: index.read(1 << 20), b""):
+            digest.update(block)
+    selection = example_selection(config)
+    return {
+        "data.index_sha256": digest.hexdigest(),
+        "data.seed": config.data.seed,
+        "stage.selection": f"{selection.task} {','.join(selection.languages)} per_language={selection.max_per_language} "
+                           f"per_direction={selection.max_per_direction} targets={selection.targets_per_utterance}",
+        "stage.micro_batch_size": config.stage.micro_batch_size,
+        "stage.grad_accum_steps": config.stage.grad_accum_steps,
+    }
+
+
+def check_resumable(saved: dict[str, object] | None, current: dict[str, object], checkpoint: Path,
+                    accept: bool) -> str | None:
+    """None when the saved position means the same now; a note when it does not but ``accept``
+    (runtime.accept_changed_data) says go on; else StageError naming every key that differs."""
+    if saved is None:
+        return f"{checkpoint} predates data identities; its data position is taken as it is"
+    differing = [f"{key}: {saved.get(key)!r} then, {current.get(key)!r} now"
+                 for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if not differing:
+        return None
+    if accept:
+        return (f"resuming from {checkpoint} although what its data position means changed "
+                f"(runtime.accept_changed_data): " + "; ".join(differing))
+    raise StageError(
+        f"{checkpoint} was saved with other data settings, so its data position would point elsewhere: "
+        + "; ".join(differing) + ". Restore those settings, or resume anyway with "
+        "--set runtime.accept_changed_data=true (the position is kept as a count of examples), or start "
+        "the stage over in a new --run-dir")
+
+
+def resumed_position(state: TrainingState, placement: Placement) -> tuple[int, int]:
+    """(plan offset, this rank's position) to continue ``state``'s epoch on this run's ranks: the
+    same share on the same number of ranks; on another number, the unused rest of the epoch's plan
+    dealt anew, so that no example is repeated or skipped."""
+    if state.world_size == placement.world_size:
+        return state.plan_offset, state.positions[placement.rank]
+    return state.examples_consumed(), 0
 
 
 def _forward(engine, batch: Batch, log_mel: LogMelSpectrogram, device: torch.device, predict_at=None):
@@ -206,6 +259,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
         )
     resume = latest_checkpoint(paths.checkpoints)
     start = None if resume is not None else _starting_point(config, run_dir, init_from)
+    identity = data_identity(config)
     ds_config = deepspeed_config(config, placement.on_gpu)
     zero = ds_config.get("zero_optimization", {})
     if placement.on_gpu:
@@ -231,11 +285,22 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
     prime_optimizer_states(engine, lambda: _forward(engine, priming, log_mel, placement.device).loss * 0.0)
     torch.manual_seed(config.runtime.seed + 1 + placement.rank)  # dropout differs across ranks
 
-    step, epoch, position = 0, 0, 0
+    step, epoch, offset, position = 0, 0, 0, 0
+    notes = []
     if resume is not None:
-        state = load_training_state(engine, resume)
+        resumed = resume_training_state(engine, paths.checkpoints, notes.append)
+        if resumed is None:  # removed since the stage started
+            raise CheckpointReadError(f"{resume} disappeared while the stage started")
+        resume, state = resumed
+        note = check_resumable(saved_data_identity(resume), identity, resume, config.runtime.accept_changed_data)
+        notes += [note] if note else []
         step, epoch = state.step, state.epoch
-        position = state.positions[placement.rank] if state.world_size == placement.world_size else 0
+        offset, position = resumed_position(state, placement)
+        if state.world_size != placement.world_size:
+            notes.append(f"{resume} was saved by {state.world_size} ranks: the rest of epoch {epoch} "
+                         f"(from example {offset} of its plan) is dealt to {placement.world_size}")
+        if position > len(stream.share(epoch, offset)):  # accepted changed data holds fewer examples
+            epoch, offset, position = epoch + 1, 0, 0
     examples_per_step = config.stage.micro_batch_size * config.stage.grad_accum_steps
     total_steps = config.stage.max_steps or max(1, math.ceil(config.stage.epochs * len(stream.share(0)) / examples_per_step))
     validation = None
@@ -253,11 +318,13 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
         monitor.message(f"stage {config.stage.name}: {total_steps} steps, {len(stream.share(0))} examples per rank "
                         f"per epoch, {placement.world_size} ranks, {origin}")
         monitor.message(precision_summary(engine, model))
+        for note in notes:
+            monitor.message(note)
     counts = count_parameters(model)
     embedding = model.llm.get_input_embeddings().weight
     head_parameters = getattr(embedding, "ds_numel", embedding.numel())  # tied: the LM head (MFU); ZeRO-3 shards
     peak = peak_flops(torch.cuda.get_device_name(placement.device)) if placement.on_gpu else None
-    batches = stream.batches(epoch, position, config.data.num_workers)
+    batches = stream.batches(epoch, position, config.data.num_workers, offset)
     previous_batch: Batch | None = None
     final_validation: dict[str, float] | None = None
     exit_code = 0
@@ -269,7 +336,7 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
                 group["lr"] = lr
             loss_sum = tokens = samples = llm_tokens = skipped = 0.0
             for _ in range(config.stage.grad_accum_steps):
-                epoch, position, batch = next(batches)
+                epoch, offset, position, batch = next(batches)
                 skipped += len(batch.skipped)
                 if monitor is not None:
                     for item in batch.skipped:
@@ -311,8 +378,9 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
                 monitor.log(record)
             preempted = stop_requested()
             if preempted or (step % config.stage.save_every == 0 and step < total_steps):
-                save_training_state(engine, step, epoch, position, paths.checkpoints, config.to_dict(),
-                                    config.runtime.keep_checkpoints, environment)
+                save_training_state(engine, TrainingState(step, epoch, [position], placement.world_size, offset),
+                                    paths.checkpoints, config.to_dict(), config.runtime.keep_checkpoints,
+                                    environment, identity)
             if preempted:
                 if monitor is not None:
                     monitor.message(f"stop requested: saved step {step}; exiting with {PREEMPTED_EXIT_CODE} to be requeued")
@@ -324,8 +392,9 @@ def run_stage(config: MCATConfig, run_dir: Path, placement: Placement, *, init_f
             if not _passes_tag_gate(config, final_validation, len(selection.languages), paths, monitor):
                 saved = latest_checkpoint(paths.checkpoints)
                 if saved is None or saved.name != f"step-{step:08d}":  # nothing trained is lost
-                    save_training_state(engine, step, epoch, position, paths.checkpoints, config.to_dict(),
-                                        config.runtime.keep_checkpoints, environment)
+                    save_training_state(engine, TrainingState(step, epoch, [position], placement.world_size, offset),
+                                        paths.checkpoints, config.to_dict(), config.runtime.keep_checkpoints,
+                                        environment, identity)
                 exit_code = GATE_FAILED_EXIT_CODE
         if exit_code == 0:
             weights = full_trainable_state(engine)

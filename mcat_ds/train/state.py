@@ -6,21 +6,27 @@ A checkpoint holds what trains and where the run stands, never the frozen base w
         trainable.safetensors     full fp32 master weights of the trainable parameters
         optimizer.safetensors     AdamW moments (exp_avg, exp_avg_sq) of those parameters
         rng-rank00000.safetensors each rank's RNG states
-        state.json                step, epoch, data positions, world size, config, code version
+        state.json                step, epoch, data position, world size, what the position
+                                  depends on (``data_identity``), config, code version
         COMPLETE                  written last
     checkpoints/latest            the tag of the newest complete checkpoint, replaced atomically
 
 Tensors are gathered out of (and scattered back into) DeepSpeed's ZeRO partitions with its
 fragment API, so nothing depends on how a world size partitioned them; the learning rate is a
-function of the step, so there is no scheduler state. A job killed at any moment leaves ``latest``
-naming a checkpoint that loads: the pointer moves only after the new one is complete.
+function of the step, so there is no scheduler state.
+
+A job killed at any moment, even on a filesystem whose client caches publish writes out of order
+(Lustre, NFS), leaves a checkpoint that loads: every file and the folder are flushed before
+``COMPLETE`` is written, and ``COMPLETE`` before ``latest`` moves. Resuming takes the newest
+complete checkpoint that every rank can read, falling back to older ones (and saying so); pruning
+never removes the newest one that reads back whole, and a save clears what killed saves left.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +47,7 @@ from deepspeed.utils import (  # noqa: E402 (after the check that says how to in
 from safetensors.torch import load_file, save_file
 
 from mcat_ds.checkpoint import code_version
+from mcat_ds.files import fsync_directory, fsync_file, write_atomically
 
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -56,8 +63,19 @@ class TrainingState:
     """Optimizer steps done in this stage."""
     epoch: int
     positions: list[int]
-    """Examples of the epoch's plan each rank has consumed."""
+    """Examples of its share of the epoch's plan each rank has consumed (see ``plan_offset``)."""
     world_size: int
+    plan_offset: int = 0
+    """Where in the epoch's plan the ranks' shares were dealt from: 0, unless the run resumed
+    mid-epoch on another number of ranks (``mcat_ds.data.plan.deal_to_rank``)."""
+
+    def examples_consumed(self) -> int:
+        """Examples of the epoch's plan used up by all ranks: the prefix a resumed run skips."""
+        return self.plan_offset + min(self.positions) * self.world_size
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint that claims to be complete cannot be read (a cut or unflushed file)."""
 
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -120,16 +138,19 @@ def full_trainable_state(engine) -> dict[str, torch.Tensor]:
             for name, parameter in _trainable(engine.module)}
 
 
-def save_training_state(engine, step: int, epoch: int, position: int, checkpoints: Path, config: dict[str, Any],
-                        keep: int, environment: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint (collective: ``position`` is this rank's), then point ``latest`` at it and
-    prune old ones (rank 0). ``environment``: where the run runs (``mcat_ds.environment``)."""
+def save_training_state(engine, state: TrainingState, checkpoints: Path, config: dict[str, Any], keep: int,
+                        environment: dict[str, Any] | None = None, data_identity: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint (collective: ``state.positions`` is ``[this rank's position]``, gathered
+    here from every rank), then point ``latest`` at it and prune old ones (rank 0). ``environment``: where the run
+    runs (``mcat_ds.environment``); ``data_identity``: what the data position means, compared on
+    resume."""
     rank = _rank()
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    target = checkpoints / f"step-{step:08d}"
+    target = checkpoints / f"step-{state.step:08d}"
     if rank == 0:
+        _remove_unfinished(checkpoints)  # killed saves, this step's earlier attempt among them
         if target.exists():
-            shutil.rmtree(target)  # a partial write of an earlier attempt at this step
+            shutil.rmtree(target)  # a complete one that did not read back, passed over at resume
         target.mkdir(parents=True)
     _barrier()
     weights, moments = {}, {}
@@ -140,36 +161,95 @@ def save_training_state(engine, step: int, epoch: int, position: int, checkpoint
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(target / f"rng-rank{rank:05d}.safetensors"))
+    rng_file = target / f"rng-rank{rank:05d}.safetensors"
+    save_file(rng, str(rng_file))
+    fsync_file(rng_file)
+    (position,) = state.positions
     positions = [position] * world_size
     if dist.is_initialized():
         dist.all_gather_object(positions, position)
     if rank == 0:
-        save_file(weights, str(target / WEIGHTS_FILE))
-        save_file(moments, str(target / OPTIMIZER_FILE))
-        state = TrainingState(step, epoch, positions, world_size)
-        record = {**asdict(state), "adam_step": _adam_step(engine), "code_version": code_version(),
+        for file, tensors in ((WEIGHTS_FILE, weights), (OPTIMIZER_FILE, moments)):
+            save_file(tensors, str(target / file))
+            fsync_file(target / file)
+        record = {**asdict(TrainingState(state.step, state.epoch, positions, world_size, state.plan_offset)),
+                  "adam_step": _adam_step(engine), "data_identity": data_identity, "code_version": code_version(),
                   "environment": environment, "config": config}
-        (target / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_atomically(target / STATE_FILE, json.dumps(record, indent=2) + "\n")
     _barrier()  # every rank's RNG file is on disk
     if rank == 0:
-        (target / COMPLETE_FILE).write_text("")
-        _write_atomically(checkpoints / LATEST_FILE, target.name)
+        fsync_directory(target)
+        write_atomically(target / COMPLETE_FILE, "")
+        write_atomically(checkpoints / LATEST_FILE, target.name)
         _prune(checkpoints, keep)
     _barrier()
     return target
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(path.name + f".tmp-{os.getpid()}")
-    staging.write_text(text)
-    os.replace(staging, path)
+def _remove_unfinished(checkpoints: Path) -> None:
+    """Folders of saves that were killed before ``COMPLETE`` (only rank 0 writes here, and only
+    between barriers, so none of them is in progress)."""
+    for folder in checkpoints.glob("step-*"):
+        if folder.is_dir() and not (folder / COMPLETE_FILE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+    for staging in checkpoints.glob(f"{LATEST_FILE}.tmp-*"):
+        staging.unlink(missing_ok=True)
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Checkpoints that claim to be complete, oldest first."""
+    return sorted(path for path in checkpoints.glob("step-*") if (path / COMPLETE_FILE).is_file())
 
 
 def _prune(checkpoints: Path, keep: int) -> None:
-    complete = sorted(path for path in checkpoints.glob("step-*") if (path / COMPLETE_FILE).is_file())
-    for old in complete[:-keep] if keep > 0 else []:
+    """Keep the ``keep`` newest complete checkpoints, and never remove anything unless the newest one
+    reads back whole: a save whose files did not really reach the disk must not cost the older ones."""
+    complete = complete_checkpoints(checkpoints)
+    if keep <= 0 or not complete or checkpoint_problem(complete[-1]) is not None:
+        return
+    for old in complete[:-keep]:
         shutil.rmtree(old)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (missing, cut, or a damaged header), else None: its
+    header says where the last tensor ends, and the file must reach exactly there."""
+    try:
+        with open(path, "rb") as handle:
+            size_bytes = handle.read(8)
+            if len(size_bytes) != 8:
+                return f"{path.name} is cut short ({len(size_bytes)} bytes)"
+            (header_size,) = struct.unpack("<Q", size_bytes)
+            header = json.loads(handle.read(header_size).decode("utf-8"))
+            end = max((item["data_offsets"][1] for key, item in header.items() if key != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, MemoryError) as error:
+        return f"{path.name} has a damaged header ({error.__class__.__name__})"
+    expected, actual = 8 + header_size + end, path.stat().st_size
+    if actual != expected:
+        return f"{path.name} holds {actual} bytes, its header says {expected}"
+    return None
+
+
+def checkpoint_problem(checkpoint: Path, rank: int | None = None) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (by ``rank``, whose RNG file it reads), else None."""
+    try:
+        record = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        for key in ("step", "epoch", "positions", "world_size", "adam_step"):
+            record[key]
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{STATE_FILE} is damaged ({error.__class__.__name__}: {error})"
+    files = [WEIGHTS_FILE, OPTIMIZER_FILE]
+    if rank is not None and record["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
+        files.append(f"rng-rank{rank:05d}.safetensors")
+    for file in files:
+        problem = _safetensors_problem(checkpoint / file)
+        if problem is not None:
+            return problem
+    return None
 
 
 def _adam_step(engine) -> int:
@@ -178,19 +258,50 @@ def _adam_step(engine) -> int:
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The checkpoint ``latest`` names; if that one is not complete, the newest complete one."""
-    pointer = checkpoints / LATEST_FILE
-    if pointer.is_file():
-        named = checkpoints / pointer.read_text().strip()
-        if (named / COMPLETE_FILE).is_file():
-            return named
-    complete = sorted(path for path in checkpoints.glob("step-*") if (path / COMPLETE_FILE).is_file())
+    """The newest complete checkpoint. ``latest`` is a pointer for people and tools; a kill between
+    ``COMPLETE`` and the pointer's move leaves it naming an older one, so it does not decide."""
+    complete = complete_checkpoints(checkpoints)
     return complete[-1] if complete else None
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    if not dist.is_initialized():
+        return ok
+    flags = [ok] * dist.get_world_size()
+    dist.all_gather_object(flags, ok)
+    return all(flags)
+
+
+def resume_training_state(engine, checkpoints: Path, say: Callable[[str], None]) -> tuple[Path, TrainingState] | None:
+    """Restore the newest complete checkpoint that every rank can read (collective), or None when
+    there is none. A checkpoint that claims to be complete but does not read back (cut by a crash on
+    a filesystem that published ``COMPLETE`` first) is passed over for the next-older one, and
+    ``say`` reports it; if none reads, CheckpointReadError names each one and why."""
+    candidates = complete_checkpoints(checkpoints)
+    problems = []
+    for checkpoint in reversed(candidates):
+        problem = checkpoint_problem(checkpoint, _rank())
+        if _all_ranks_agree(problem is None):
+            try:
+                state = load_training_state(engine, checkpoint)
+            except (OSError, ValueError, RuntimeError) as error:  # read back whole, yet unloadable
+                problem = f"{error.__class__.__name__}: {error}"
+            if _all_ranks_agree(problem is None):
+                if problems:
+                    say(f"resuming from {checkpoint.name}, the newest checkpoint that reads back whole; passed over: "
+                        + "; ".join(problems))
+                return checkpoint, state
+        problems.append(f"{checkpoint.name} ({problem or 'unreadable on another rank'})")
+    if problems:
+        raise CheckpointReadError(
+            f"no checkpoint in {checkpoints} can be resumed from: " + "; ".join(problems)
+            + ". Nothing was removed; to start the stage over, move that folder away")
+    return None
 
 
 def load_training_state(engine, checkpoint: Path) -> TrainingState:
     """Restore weights, AdamW moments and step, and this rank's RNG (collective)."""
-    record = json.loads((checkpoint / STATE_FILE).read_text())
+    record = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
     weights = load_file(str(checkpoint / WEIGHTS_FILE))
     moments = load_file(str(checkpoint / OPTIMIZER_FILE))
     trainable = _trainable(engine.module)
@@ -214,4 +325,10 @@ def load_training_state(engine, checkpoint: Path) -> TrainingState:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return TrainingState(record["step"], record["epoch"], record["positions"], record["world_size"])
+    return TrainingState(record["step"], record["epoch"], record["positions"], record["world_size"],
+                         record.get("plan_offset", 0))
+
+
+def saved_data_identity(checkpoint: Path) -> dict[str, Any] | None:
+    """What the checkpoint's data position depends on, as it was saved (None: saved before it was)."""
+    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")).get("data_identity")
