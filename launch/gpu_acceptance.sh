@@ -12,15 +12,15 @@
 # --pack downloads what launch/gpu_wheels.txt lists, one version each, without dependencies: wheels
 # for CPython 3.12 (the image's) on manylinux x86-64, DeepSpeed as its source archive, and writes
 # .gpu/MANIFEST.tsv (name, version, import name, file, bytes). A run installs from .gpu/ only
-# (pip --no-index, into $MCAT_SITE, default /tmp/mcat-site), whatever of it does not import here yet,
-# builds DeepSpeed with DS_BUILD_OPS=0 (no compiled ops: torch's fused AdamW is used), checks every
-# import and names each one that still fails. Then it runs the steps; rows go to benchmarks/*.csv;
-# CSVs, logs and targets.md to --out (or $OUT).
+# (pip --no-index, into $MCAT_SITE, else a private temporary folder removed when the run ends)
+# whatever of it does not import here yet, builds DeepSpeed with DS_BUILD_OPS=0 (no compiled ops:
+# torch's fused AdamW is used), checks every import and names each one that still fails. Then it
+# runs the steps; rows go to benchmarks/*.csv; CSVs, logs and targets.md to --out (or $OUT).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${MCAT_PYTHON:-python3}
 wheels=${MCAT_WHEELS:-$repo/.gpu}
-site=${MCAT_SITE:-/tmp/mcat-site}
+site=${MCAT_SITE:-}
 wanted=$repo/launch/gpu_wheels.txt
 pins=$repo/constraints/transformers5.txt
 pack=0
@@ -141,6 +141,12 @@ if (( pack )); then
     pack_wheels
     exit
 fi
+if [ -z "$site" ]; then
+    # What lands on PYTHONPATH runs as this user: a fixed shared path such as /tmp/mcat-site would run
+    # whatever another local user put there first. mktemp -d makes it ours alone (mode 700).
+    site=$(mktemp -d "${TMPDIR:-/tmp}/mcat-site.XXXXXX") || exit 1
+    trap 'rm -rf "$site"' EXIT
+fi
 install_from_wheels || say "going on: a step that needs what is missing fails, and targets.md says so"
 # the project itself, from this checkout (kernels/ imports as mcat_kernels, as setup.py installs it)
 if ! "$python" -c "import mcat_ds, mcat_kernels" 2>/dev/null; then
@@ -148,4 +154,5 @@ if ! "$python" -c "import mcat_ds, mcat_kernels" 2>/dev/null; then
     export PYTHONPATH=$repo:$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 cd "$repo"
-exec "$python" -m mcat_ds.bench.acceptance "${args[@]}"
+# not exec: the shell stays to remove the temporary site when the run ends
+"$python" -m mcat_ds.bench.acceptance "${args[@]}"

@@ -148,3 +148,26 @@ def test_a_missing_package_without_a_pack_is_named(tmp_path):
     result = subprocess.run(["bash", str(SCRIPT), "--smoke", "--out", str(tmp_path / "out"), "--only", "nothing"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert "not importable here: webdataset" in result.stdout and "--pack" in result.stdout, result.stdout
+
+
+def test_the_site_on_pythonpath_is_private_and_removed_when_the_run_ends(tmp_path):
+    """Without MCAT_SITE, what goes on PYTHONPATH is a folder only this user can write, not a fixed
+    shared path another local user could fill first; the run's exit status still comes through."""
+    record = tmp_path / "record"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+    -c) exit 1 ;;  # "import mcat_ds, mcat_kernels" fails: the checkout and the site go on PYTHONPATH
+    -m) site=${{PYTHONPATH##*:}}; stat -c %a "$site" > {record}; echo "$site" >> {record}; ls "$site" >> {record}; exit 3 ;;
+    *) cat > /dev/null ;;  # the import probe: everything imports
+esac
+""")
+    python.chmod(0o755)
+    env = {**os.environ, "MCAT_PYTHON": str(python), "TMPDIR": str(tmp_path)}
+    for name in ("PYTHONPATH", "MCAT_SITE"):
+        env.pop(name, None)
+    result = subprocess.run(["bash", str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 3, result.stdout + result.stderr
+    mode, site, link = record.read_text().split()
+    assert mode == "700" and Path(site).parent == tmp_path and link == "mcat_kernels"
+    assert not Path(site).exists()
