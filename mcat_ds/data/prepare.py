@@ -104,10 +104,13 @@ def in_worker_processes(function: Callable, jobs: Iterable, workers: int,
             except BrokenProcessPool:
                 on = {number: job for number, job, _ in in_flight}
                 working = [describe(on[number]) for number in board if number in on]
-                raise RuntimeError(
-                    "a worker process died (killed, out of memory, or crashed) "
-                    + (f"while working on {'; or '.join(working)}" if working else "before it took a job")
-                ) from None
+                if not working:
+                    where = "before it took a job"
+                elif len(working) == 1:
+                    where = f"while working on {working[0]}"
+                else:  # the others were stopped when it died: which of them it was is not known
+                    where = f"while working on one of: {'; '.join(working)}"
+                raise RuntimeError(f"a worker process died (killed, out of memory, or crashed) {where}") from None
             in_flight.popleft()
             yield result
     finally:
