@@ -29,6 +29,9 @@ from pathlib import Path
 from mcat_ds.checkpoint import read_checkpoint_metadata
 from mcat_ds.curriculum import stage_names
 from mcat_ds.data.demo import build_demo_data
+from mcat_ds.eval.evaluate import run_evaluate_command
+from mcat_ds.infer.outputs import part_paths
+from mcat_ds.infer.translate_command import TranslateJob, run_translate_job
 from mcat_ds.presets import get_preset
 from mcat_ds.train.distributed import free_port
 from mcat_ds.train.monitor import METRICS_FILE
@@ -94,19 +97,14 @@ def decode_and_score(checkpoint: Path, data: Path, run_dir: Path, split: str) ->
     """``mcat translate`` of every utterance into every target it has, then ``mcat evaluate``."""
     decoded_name, evaluation_name = SPLITS[split]
     decoded, evaluation = run_dir / decoded_name, run_dir / evaluation_name
-    for stale in (decoded, decoded.with_name(decoded.name + ".summary.json")):
+    for stale in (decoded, decoded.with_name(decoded.name + ".summary.json"), *part_paths(decoded)):
         stale.unlink(missing_ok=True)  # decode again: a rerun checks the decoder as it is now
-    from mcat_ds import cli  # the commands users type, argument parsing included
-
-    for command in (
-        ["translate", "--checkpoint", str(checkpoint), "--data", str(data), "--task", "srt", "--out", str(decoded),
-         "--max-new-tokens", str(MAX_NEW_TOKENS)],
-        ["evaluate", "--hyps", str(decoded), "--out", str(evaluation)],
-    ):
-        print(f"mcat {' '.join(command)}", flush=True)
-        code = cli.main(command)
-        if code != 0:
-            raise RuntimeError(f"mcat {command[0]} exited with {code}")
+    job = TranslateJob(checkpoint=str(checkpoint), data=str(data), out=str(decoded), task="srt",
+                       max_new_tokens=MAX_NEW_TOKENS)
+    print(f"{split}: mcat translate {job}", flush=True)
+    run_translate_job(job)
+    print(f"{split}: mcat evaluate --hyps {decoded} --out {evaluation}", flush=True)
+    run_evaluate_command(decoded, evaluation)
     return exact_match_scores(decoded) | {"evaluation": _evaluation_summary(evaluation)}
 
 

@@ -503,3 +503,21 @@ def draw_heatmap(results: list[DirectionScores], metric: str, path: Path) -> Non
     figure.savefig(image_bytes, format="png", dpi=150)
     plt.close(figure)
     write_atomically(path, image_bytes.getvalue())
+
+
+def run_evaluate_command(hyps: str | Path, out: str | Path, *, comet_model: str | None = None, spm: str | None = None,
+                         compare: str | None = None, comet_batch: int = 64,
+                         srt_split: SRTSplitRule | None = None) -> int:
+    """``mcat evaluate``: score, then say what was computed and where it went. Returns the exit code."""
+    results = evaluate(hyps, out, comet_model=comet_model, spm=spm, compare=compare, comet_batch=comet_batch,
+                       srt_split=srt_split)
+    split = json.loads((Path(out) / "srt_split.json").read_text(encoding="utf-8"))
+    if split["srt_outputs"]:
+        print(f"mcat evaluate: SRT outputs split by the {split['rule']} rule; the first and release rules give "
+              f"different translations for {split['translations_differ']} of {split['srt_outputs']}")
+    computed = [m for m in ("spbleu", "chrf", "comet", "wer") if any(getattr(r, m) is not None for r in results)]
+    print(f"mcat evaluate: {len(results)} directions ({', '.join(computed)}) -> {out}/directions.csv, summary.md"
+          + (", heatmap.png" if any(m != "wer" for m in computed) else ""))
+    if not spm:
+        print("mcat evaluate: no --spm given, so no spBLEU (pass the FLORES-200 SentencePiece model file)")
+    return 0

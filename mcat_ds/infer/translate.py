@@ -17,7 +17,8 @@ separate: the loop below reads, encodes, plans and writes the same way for every
 Output: one JSON line per request, with at least ``id``, ``src``, ``tgt``, ``hyp`` (the translation;
 the transcript for ASR), ``hyp_transcript`` (SRT), ``ref`` and ``src_ref`` (reference translation
 and transcript), written as batches finish and rewritten in input order at the end. Re-running skips
-the ids already in the output (and in the per-rank part files of an interrupted run). With several
+the ids already in the output (and in the per-rank part files of an interrupted run); what lies next
+to the output, and how it is kept consistent, is ``mcat_ds.infer.outputs``. With several
 processes (``torchrun``/``deepspeed`` set RANK and WORLD_SIZE) each takes every WORLD_SIZE-th
 utterance; rank 0 merges. Audio longer than the encoder's window is trimmed to it, as the release
 does, so an evaluation scores every utterance (``long_audio="skip"`` skips it instead); both are
@@ -28,11 +29,9 @@ decode steps, timing) goes next to the output as ``<out>.summary.json``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -41,8 +40,10 @@ import torch
 from mcat_ds.batching import TokenizedExample, collate_examples, tokenize_example
 from mcat_ds.config import Task
 from mcat_ds.data.audio import SAMPLE_RATE, AudioError, FeatureWindow, LogMelSpectrogram, decode_audio, feature_frames, pad_waveforms
-from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, load_index
+from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, load_index, read_sample_meta
+from mcat_ds.files import write_atomically
 from mcat_ds.infer.decoding import DecodeCounters, greedy_decode
+from mcat_ds.infer.outputs import merge_outputs, part_path, read_outputs
 from mcat_ds.infer.requests import Request, TranslateConfig, plan_requests
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
 from mcat_ds.prompts import build_prompt, split_srt_output
@@ -121,37 +122,6 @@ class TranslateSummary:
     seconds: float = 0.0
 
 
-def _read_done(paths: Iterable[Path]) -> dict[str, dict]:
-    done = {}
-    for path in paths:
-        if not path.is_file():
-            continue
-        with open(path, encoding="utf-8") as lines:
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill: the request runs again
-                done[record["id"]] = record
-    return done
-
-
-def _part_path(out: Path, rank: int) -> Path:
-    return out.with_name(f"{out.name}.part{rank}")
-
-
-def _part_paths(out: Path) -> list[Path]:
-    """Every rank's part file, whatever the world size of the run that wrote them."""
-    return sorted(out.parent.glob(f"{out.name}.part*"))
-
-
-def pending_requests(out: str | Path, requests: list[Request]) -> list[Request]:
-    """The requests whose outputs are in neither ``out`` nor a part file of an interrupted run."""
-    out = Path(out)
-    done = _read_done([out, *_part_paths(out)])
-    return [r for r in requests if r.id not in done]
-
-
 def _utterance_chunks(pending: dict[int, list[Request]], entries: list[IndexEntry], requests_limit: int,
                       utterances_limit: float):
     """Utterances longest first, grouped until their requests reach ``requests_limit`` (or the
@@ -182,16 +152,26 @@ def _record(request: Request, meta: dict, text: str, task: Task, summary: Transl
     return record
 
 
+def output_order(entries: list[IndexEntry], config: TranslateConfig) -> dict[str, int]:
+    """Request id -> position in the data's full plan (every direction): the order of the merged
+    output, whichever directions each run into it asked for."""
+    return {request.id: request.order for request in plan_requests(entries, replace(config, directions="all"))}
+
+
 @torch.no_grad()
 def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: str | Path, out: str | Path,
-              config: TranslateConfig, rank: int = 0, world_size: int = 1, barrier=None) -> TranslateSummary:
-    """Translate every request of ``data_dir`` not yet in ``out``; see the module docstring."""
+              config: TranslateConfig, rank: int = 0, world_size: int = 1, barrier=None,
+              done: dict[str, dict] | None = None) -> TranslateSummary:
+    """Translate every request of ``data_dir`` not yet in ``out``; see the module docstring.
+    ``done``: the outputs already there, as every rank read them before any rank wrote (read here
+    when not given: one process)."""
     started = time.perf_counter()
     out = Path(out)
     data_dir = Path(data_dir)
     entries = load_index(data_dir)
     requests = plan_requests(entries, config)
-    done = _read_done([out, *_part_paths(out)])
+    if done is None:
+        done = read_outputs(out)
     summary = TranslateSummary(requests=len(requests), already_done=sum(r.id in done for r in requests))
     mine = [r for r in requests if r.id not in done and r.entry % world_size == rank]
     pending: dict[int, list[Request]] = defaultdict(list)
@@ -203,18 +183,18 @@ def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: s
     log_mel = LogMelSpectrogram(window).to(device)
     reader = ShardReader(data_dir)
     counters = DecodeCounters()
-    part_path = _part_path(out, rank)
+    part_file = part_path(out, rank)
     # an engine that schedules its own batches gets a chunk of requests at once, encoded in batches
     utterances_limit = float("inf") if engine.batches_whole_chunk else config.encoder_batch
-    with open(part_path, "a", encoding="utf-8") as part:
-        if part.tell() and not part_path.read_bytes().endswith(b"\n"):
+    with open(part_file, "a", encoding="utf-8") as part:
+        if part.tell() and not part_file.read_bytes().endswith(b"\n"):
             part.write("\n")  # a line cut by a kill stays on its own line (and is ignored)
         for chunk in _utterance_chunks(pending, entries, config.batch, utterances_limit):
             loaded, metas = [], {}
             for index in chunk:
                 entry = entries[index]
                 try:
-                    metas[index] = json.loads(reader.read(entry.shard, entry.meta))
+                    metas[index] = read_sample_meta(reader, entry)
                     samples = decode_audio(reader.read(entry.shard, entry.audio))
                     if samples.size > window.samples:
                         seconds = round(samples.size / SAMPLE_RATE, 3)
@@ -223,7 +203,7 @@ def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: s
                             raise AudioError(f"{seconds:.2f} s is longer than the {window.seconds:g} s window")
                         summary.trimmed_audio[entry.key] = seconds
                         samples = samples[:window.samples]
-                except (DataError, AudioError, json.JSONDecodeError, OSError) as error:
+                except (DataError, AudioError, OSError) as error:
                     summary.skipped_audio[entry.key] = f"{entry.shard}: {error}"
                     continue
                 loaded.append((index, samples))
@@ -266,21 +246,6 @@ def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: s
     if barrier is not None:
         barrier()
     if rank == 0:
-        merge_outputs(out, requests)
-        out.with_name(out.name + ".summary.json").write_text(json.dumps(asdict(summary), indent=1) + "\n")
+        merge_outputs(out, output_order(entries, config))
+        write_atomically(out.with_name(out.name + ".summary.json"), json.dumps(asdict(summary), indent=1) + "\n")
     return summary
-
-
-def merge_outputs(out: Path, requests: list[Request]) -> None:
-    """Output and part files -> the output in input order (atomic replace), part files removed."""
-    parts = _part_paths(out)
-    done = _read_done([out, *parts])
-    order = {r.id: r.order for r in requests}
-    records = sorted((record for record in done.values() if record["id"] in order), key=lambda r: order[r["id"]])
-    staging = out.with_name(out.name + ".tmp")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps({**record, "order": order[record["id"]]}, ensure_ascii=False) + "\n")
-    os.replace(staging, out)
-    for path in parts:
-        path.unlink(missing_ok=True)
