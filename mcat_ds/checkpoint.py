@@ -31,7 +31,7 @@ import mcat_ds
 from mcat_ds.build import CheckpointError, Tokenizer, build_model
 from mcat_ds.config import MCATConfig, from_dict
 from mcat_ds.environment import describe_environment
-from mcat_ds.files import fsync_directory, fsync_tree, remove_stale_staging, staging_sibling
+from mcat_ds.files import fsync_directory, fsync_tree, read_json_object, remove_stale_staging, staging_sibling
 from mcat_ds.model import MCATModel
 
 CONFIG_FILE = "mcat_config.json"
@@ -130,11 +130,9 @@ def read_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory} is not an MCAT checkpoint: {CONFIG_FILE} is missing")
     try:
-        metadata = json.loads(path.read_bytes().decode("utf-8"))
-    except ValueError as error:  # bad UTF-8 and bad JSON both
-        raise CheckpointError(f"{path}: damaged, not UTF-8 JSON ({error})") from None
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: damaged, expected a mapping at the top level")
+        metadata = read_json_object(path)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format {metadata.get('format')!r} version {metadata.get('format_version')!r}, "

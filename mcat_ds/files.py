@@ -8,6 +8,7 @@ all-or-nothing on POSIX filesystems.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import socket
@@ -101,3 +102,15 @@ def fsync_tree(directory: Path) -> None:
         for name in names:
             fsync_file(Path(root) / name)
         fsync_directory(Path(root))
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file, or ValueError naming the file when it is cut, not UTF-8, not JSON
+    or not an object."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except ValueError as error:  # bad UTF-8 and bad JSON both
+        raise ValueError(f"{path}: damaged, not UTF-8 JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: damaged, expected a mapping at the top level")
+    return value

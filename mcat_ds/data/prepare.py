@@ -16,14 +16,12 @@ The directory appears whole or not at all: it is written as a sibling and rename
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import shutil
-import socket
 import tarfile
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +32,7 @@ from pathlib import Path
 
 from mcat_ds.data.audio import AudioError, check_audio, decode_audio, encode_flac, require_audio_packages
 from mcat_ds.data.sources import Skipped, Utterance
+from mcat_ds.files import fsync_directory, fsync_tree, remove_stale_staging, staging_sibling
 from mcat_ds.optional import require
 
 INDEX_FILE = "index.jsonl"
@@ -169,56 +168,21 @@ def prepare_shards(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory; choose an empty or new one")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    staging = out.with_name(f"{_partial_prefix(out)}{os.getpid()}")
+    remove_stale_staging(out)
+    staging = staging_sibling(out)
+    if staging.exists():  # an earlier process that had our pid
+        shutil.rmtree(staging)
     staging.mkdir()
     try:
         report = _write_prepared(records, staging, max_seconds, limits, workers or os.cpu_count() or 1)
-        _flush_to_disk(staging)
+        fsync_tree(staging)
         # rename(2) replaces an empty directory in one step, so `out` is never half written
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _flush_to_disk(out.parent, files=False)
+    fsync_directory(out.parent)
     return report
-
-
-def _partial_prefix(out: Path) -> str:
-    # The host is part of the name: on a shared file system another node's pids mean nothing here.
-    return f"{out.name}.partial-{socket.gethostname()}-"
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Removes what killed runs on this host left beside ``out``; a live run's folder stays."""
-    prefix = _partial_prefix(out)
-    for partial in out.parent.glob(glob.escape(prefix) + "*"):
-        pid = partial.name[len(prefix):]
-        # our own pid can only be an earlier process's that had it, since this run has not begun
-        if pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _flush_to_disk(folder: Path, files: bool = True) -> None:
-    """fsync the folder's files and the folder itself, so that a rename is never of unwritten data."""
-    for path in folder.iterdir() if files else ():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _write_prepared(records: Iterable[Utterance | Skipped], out: Path, max_seconds: float, limits: ShardLimits,

@@ -35,7 +35,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from mcat_ds.build import inputs_embeds_scale
 from mcat_ds.checkpoint import checkpoint_fingerprint, load_checkpoint
 from mcat_ds.config import AdapterConfig, from_dict
-from mcat_ds.files import fsync_directory, fsync_tree, remove_stale_staging, staging_sibling
+from mcat_ds.files import fsync_directory, fsync_tree, read_json_object, remove_stale_staging, staging_sibling
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import dense_attn_implementation
 from mcat_ds.model.encoder import SpeechEncoder
@@ -173,12 +173,7 @@ def read_export_description(directory: str | Path) -> dict[str, Any]:
     description_file = Path(directory) / SPEECH_DIR / SPEECH_FILE
     if not description_file.is_file():
         raise FileNotFoundError(f"{directory} is not an mcat export: {description_file} is missing")
-    try:
-        description = json.loads(description_file.read_bytes().decode("utf-8"))
-    except ValueError as error:  # bad UTF-8 and bad JSON both
-        raise ValueError(f"{description_file}: damaged, not UTF-8 JSON ({error})") from None
-    if not isinstance(description, dict):
-        raise ValueError(f"{description_file}: damaged, expected a mapping at the top level")
+    description = read_json_object(description_file)
     if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{description_file}: format {description.get('format')!r} "
                          f"version {description.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}")
