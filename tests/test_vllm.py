@@ -183,7 +183,7 @@ def test_mcat_translate_engine_vllm_on_two_ranks_from_the_command_line(tiny_conf
     (tmp_path / "more.jsonl").write_text("")
     assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "more.jsonl"),
                  "--export-dir", str(tmp_path / "vllm.jsonl.export"), *common, *vllm_flags[:-1], "bf16"]) == 2
-    assert "export again" in capsys.readouterr().err
+    assert "holds an export in float32, not bfloat16" in capsys.readouterr().err
 
 
 def test_bench_inference_runs_vllm_beside_hf_generate_and_ours(tmp_path):
