@@ -44,6 +44,7 @@ from deepspeed.utils import (  # noqa: E402 (after the check that says how to in
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
 )
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mcat_ds.checkpoint import code_version
@@ -284,7 +285,7 @@ def resume_training_state(engine, checkpoints: Path, say: Callable[[str], None])
         if _all_ranks_agree(problem is None):
             try:
                 state = load_training_state(engine, checkpoint)
-            except (OSError, ValueError, RuntimeError) as error:  # read back whole, yet unloadable
+            except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # whole, yet unloadable
                 problem = f"{error.__class__.__name__}: {error}"
             if _all_ranks_agree(problem is None):
                 if problems:
