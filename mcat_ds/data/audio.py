@@ -49,7 +49,7 @@ def decode_audio(source: str | Path | bytes, max_seconds: float | None = None) -
     """
     soundfile = require("soundfile")
     try:
-        with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as sound:
+        with open_front_to_back(source) as sound:
             rate = sound.samplerate
             if not LOWEST_RATE <= rate <= HIGHEST_RATE:
                 raise AudioError(f"unsupported sample rate: {rate} Hz (readable: {LOWEST_RATE}-{HIGHEST_RATE} Hz)")
@@ -66,6 +66,18 @@ def decode_audio(source: str | Path | bytes, max_seconds: float | None = None) -
         mono = require("soxr").resample(mono, rate, SAMPLE_RATE, quality="VHQ").astype(np.float32)
         _check_length(mono.size / SAMPLE_RATE, max_seconds)  # resampling may round up by a sample
     return np.ascontiguousarray(mono)
+
+
+def open_front_to_back(source: str | Path | bytes):
+    """A ``soundfile.SoundFile`` to be read from start to end, in blocks.
+
+    python-soundfile keeps its position by seeking to it after every read of a seekable file. On MP3
+    that seek goes through mpg123_seek, which resumes decoding about 10k samples off, so every block
+    after the first would start with garbage (measured with libsndfile 1.2.2; one whole-file read
+    never seeks and is right). Read front to back, the file never needs to seek."""
+    sound = require("soundfile").SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+    sound.seekable = lambda: False
+    return sound
 
 
 def _read_frames(sound) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcat_ds.data.audio import HIGHEST_RATE, LOWEST_RATE, SAMPLE_RATE, UNKNOWN_LENGTH, AudioError
+from mcat_ds.data.audio import HIGHEST_RATE, LOWEST_RATE, SAMPLE_RATE, UNKNOWN_LENGTH, AudioError, open_front_to_back
 from mcat_ds.optional import require
 
 BLOCK_SECONDS = 30.0
@@ -89,15 +89,9 @@ def _open(path: str | Path):
     if not path.is_file():
         raise AudioError(f"no such audio file: {path}")
     try:
-        sound = soundfile.SoundFile(path)
+        return open_front_to_back(path)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
         raise AudioError(f"not audio, or a format libsndfile cannot read: {path}: {error}") from None
-    # python-soundfile keeps its position by seeking to it after every read of a seekable file.
-    # On MP3 that seek goes through mpg123_seek, which resumes decoding about 10k samples off, so
-    # every block after the first would start with garbage (measured with libsndfile 1.2.2; one
-    # whole-file read never seeks and is right). The file is only ever read front to back here.
-    sound.seekable = lambda: False
-    return sound
 
 
 def _info(sound) -> AudioInfo:
