@@ -155,6 +155,16 @@ def translate(args: argparse.Namespace) -> int:
     return run_translate_job(TranslateJob(**{field.name: getattr(args, field.name) for field in fields(TranslateJob)}))
 
 
+def translate_audio(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from mcat_ds.infer.translate_audio import TranslateAudioOptions, run_translate_audio
+
+    values = {field.name: getattr(args, field.name) for field in fields(TranslateAudioOptions)}
+    values.update(audio=tuple(args.audio), to=tuple(code for code in (args.to or "").split(",") if code))
+    return run_translate_audio(TranslateAudioOptions(**values))
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from mcat_ds.eval.evaluate import run_evaluate_command
 
@@ -273,6 +283,31 @@ def build_parser() -> argparse.ArgumentParser:
     translate_parser.add_argument("--encoder-checkpoint", help="the Whisper checkpoint, if it moved since training")
     translate_parser.add_argument("--llm-checkpoint", help="the LLM checkpoint, if it moved since training")
     translate_parser.set_defaults(handler=translate)
+
+    audio_parser = commands.add_parser("translate-audio", help="long recordings -> transcript and subtitles (SRT, WebVTT)")
+    audio_parser.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3) or folders of them")
+    audio_parser.add_argument("--checkpoint", required=True, help="a training checkpoint (fast, hf) or an export (vllm)")
+    audio_parser.add_argument("--source", required=True, help="the language spoken (e.g. eng)")
+    audio_parser.add_argument("--to", help="target languages, comma-separated (e.g. deu,fra); not needed for --task asr")
+    audio_parser.add_argument("--out", required=True, help="folder for <name>.<lang>.srt/.vtt, <name>.json and "
+                              "summary.json; a rerun skips recordings already done there")
+    audio_parser.add_argument("--task", choices=("srt", "asr"), default="srt",
+                              help="srt: transcript and translations; asr: transcript only")
+    audio_parser.add_argument("--min-silence", type=float, default=0.5,
+                              help="seconds of silence that end a segment")
+    audio_parser.add_argument("--batch", type=int, help="requests per decode call (default: 50; vllm 1024)")
+    audio_parser.add_argument("--max-new-tokens", type=int, help="default: the checkpoint's")
+    audio_parser.add_argument("--no-repeat-ngram-size", type=int, help="default: the checkpoint's")
+    audio_parser.add_argument("--engine", choices=("fast", "hf", "vllm"), default="fast",
+                              help="as for mcat translate")
+    audio_parser.add_argument("--export-dir", help="vllm: where an MCAT --checkpoint is exported once for vLLM "
+                              "(default: OUT/.vllm.export)")
+    audio_parser.add_argument("--tensor-parallel", type=int, default=1, help="vllm: GPUs per model")
+    audio_parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory")
+    audio_parser.add_argument("--max-model-len", type=int, default=2048, help="vllm: prompt + output tokens")
+    audio_parser.add_argument("--device", help="default: the GPU, else CPU")
+    audio_parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
+    audio_parser.set_defaults(handler=translate_audio)
 
     evaluate_parser = commands.add_parser("evaluate", help="spBLEU, chrF++, COMET, WER/CER per direction; tables, heat map")
     evaluate_parser.add_argument("--hyps", required=True, help="the JSONL of mcat translate")

@@ -31,10 +31,12 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from mcat_ds.batching import TokenizedExample, collate_examples, tokenize_example
@@ -122,11 +124,11 @@ class TranslateSummary:
     seconds: float = 0.0
 
 
-def _utterance_chunks(pending: dict[int, list[Request]], entries: list[IndexEntry], requests_limit: int,
+def _utterance_chunks(pending: dict[int, list[Request]], seconds: Callable[[int], float], requests_limit: int,
                       utterances_limit: float):
     """Utterances longest first, grouped until their requests reach ``requests_limit`` (or the
     chunk holds ``utterances_limit`` utterances)."""
-    order = sorted(pending, key=lambda index: -entries[index].seconds)
+    order = sorted(pending, key=lambda index: -seconds(index))
     chunk, requests = [], 0
     for index in order:
         chunk.append(index)
@@ -136,6 +138,65 @@ def _utterance_chunks(pending: dict[int, list[Request]], entries: list[IndexEntr
             chunk, requests = [], 0
     if chunk:
         yield chunk
+
+
+@dataclass(frozen=True)
+class Utterances:
+    """What :func:`decode_utterances` needs of the audio, by utterance index: prepared shards for
+    ``mcat translate``, the chunks of long recordings for ``mcat translate-audio``."""
+
+    seconds: Callable[[int], float]
+    """Its length, for longest-first order (before it is read)."""
+    load: Callable[[int], np.ndarray | None]
+    """16 kHz samples, at most the encoder's window; None: not decodable (the caller records why)."""
+    transcript: Callable[[int], str | None] = lambda index: None
+    """The transcript an SMT prompt carries."""
+
+
+def speech_window(speech_side: SpeechSide) -> FeatureWindow:
+    """The audio the speech side's encoder takes at once."""
+    return FeatureWindow(speech_side.encoder.num_mel_bins, speech_side.encoder.window_frames)
+
+
+def decode_utterances(speech_side: SpeechSide, engine: Engine, hf_tokenizer, utterances: Utterances,
+                      pending: dict[int, list[Request]], config: TranslateConfig, summary: TranslateSummary,
+                      counters: DecodeCounters, write: Callable[[list[tuple[Request, str]]], None]) -> None:
+    """Every pending request decoded: utterances longest first, each encoded (with its adapter) once
+    for all its requests, in batches of ``config.encoder_batch``; requests decoded in batches sorted
+    by prompt length. ``write`` gets each decoded batch's (request, text) pairs as it finishes."""
+    device = next(speech_side.parameters()).device
+    window = speech_window(speech_side)
+    log_mel = LogMelSpectrogram(window).to(device)
+    # an engine that schedules its own batches gets a chunk of requests at once, encoded in batches
+    utterances_limit = float("inf") if engine.batches_whole_chunk else config.encoder_batch
+    for chunk in _utterance_chunks(pending, utterances.seconds, config.batch, utterances_limit):
+        loaded = [(index, samples) for index in chunk if (samples := utterances.load(index)) is not None]
+        if not loaded:
+            continue
+        speech = []
+        for first in range(0, len(loaded), config.encoder_batch):
+            waveforms, num_samples = pad_waveforms([samples for _, samples in loaded[first:first + config.encoder_batch]],
+                                                   window)
+            features = log_mel(waveforms.to(device), num_samples.to(device))
+            speech.append(speech_side.speech_embeddings(features, feature_frames(num_samples).to(device)))
+            summary.encoder_calls += 1
+        speech = torch.cat(speech)
+        summary.utterances_encoded += len(loaded)
+        slot = {index: position for position, (index, _) in enumerate(loaded)}
+        batch_requests = [r for index, _ in loaded for r in pending[index]]
+        tokenized = []
+        for request in batch_requests:
+            prompt = build_prompt(config.task, request.src, request.tgt, transcript=utterances.transcript(request.entry))
+            tokenized.append(tokenize_example(hf_tokenizer, prompt))
+        by_length = sorted(range(len(batch_requests)), key=lambda i: len(tokenized[i].prompt_ids))
+        group = len(by_length) if engine.batches_whole_chunk else config.batch
+        for first in range(0, len(by_length), group):
+            picked = by_length[first:first + group]
+            rows = torch.tensor([slot[batch_requests[i].entry] for i in picked], device=device)
+            outputs = engine.decode(speech[rows], [tokenized[i] for i in picked], counters)
+            # tags are added tokens, not special ones: they stay in the text (SRT needs them)
+            write([(batch_requests[i], hf_tokenizer.decode(ids, skip_special_tokens=True))
+                   for i, ids in zip(picked, outputs)])
 
 
 def _record(request: Request, meta: dict, text: str, task: Task, summary: TranslateSummary) -> dict:
@@ -178,67 +239,43 @@ def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: s
     for request in mine:
         pending[request.entry].append(request)
 
-    device = next(speech_side.parameters()).device
-    window = FeatureWindow(speech_side.encoder.num_mel_bins, speech_side.encoder.window_frames)
-    log_mel = LogMelSpectrogram(window).to(device)
     reader = ShardReader(data_dir)
     counters = DecodeCounters()
+    metas: dict[int, dict] = {}
+    window = speech_window(speech_side)
+
+    def load(index: int):
+        entry = entries[index]
+        try:
+            metas[index] = read_sample_meta(reader, entry)
+            samples = decode_audio(reader.read(entry.shard, entry.audio))
+            if samples.size > window.samples:
+                seconds = round(samples.size / SAMPLE_RATE, 3)
+                if config.long_audio == "skip":
+                    summary.long_audio_skipped[entry.key] = seconds
+                    raise AudioError(f"{seconds:.2f} s is longer than the {window.seconds:g} s window")
+                summary.trimmed_audio[entry.key] = seconds
+                samples = samples[:window.samples]
+        except (DataError, AudioError, OSError) as error:
+            summary.skipped_audio[entry.key] = f"{entry.shard}: {error}"
+            return None
+        return samples
+
     part_file = part_path(out, rank)
-    # an engine that schedules its own batches gets a chunk of requests at once, encoded in batches
-    utterances_limit = float("inf") if engine.batches_whole_chunk else config.encoder_batch
     with open(part_file, "a", encoding="utf-8") as part:
         if part.tell() and not part_file.read_bytes().endswith(b"\n"):
             part.write("\n")  # a line cut by a kill stays on its own line (and is ignored)
-        for chunk in _utterance_chunks(pending, entries, config.batch, utterances_limit):
-            loaded, metas = [], {}
-            for index in chunk:
-                entry = entries[index]
-                try:
-                    metas[index] = read_sample_meta(reader, entry)
-                    samples = decode_audio(reader.read(entry.shard, entry.audio))
-                    if samples.size > window.samples:
-                        seconds = round(samples.size / SAMPLE_RATE, 3)
-                        if config.long_audio == "skip":
-                            summary.long_audio_skipped[entry.key] = seconds
-                            raise AudioError(f"{seconds:.2f} s is longer than the {window.seconds:g} s window")
-                        summary.trimmed_audio[entry.key] = seconds
-                        samples = samples[:window.samples]
-                except (DataError, AudioError, OSError) as error:
-                    summary.skipped_audio[entry.key] = f"{entry.shard}: {error}"
-                    continue
-                loaded.append((index, samples))
-            if not loaded:
-                continue
-            speech = []
-            for first in range(0, len(loaded), config.encoder_batch):
-                waveforms, num_samples = pad_waveforms([samples for _, samples in loaded[first:first + config.encoder_batch]],
-                                                       window)
-                features = log_mel(waveforms.to(device), num_samples.to(device))
-                speech.append(speech_side.speech_embeddings(features, feature_frames(num_samples).to(device)))
-                summary.encoder_calls += 1
-            speech = torch.cat(speech)
-            summary.utterances_encoded += len(loaded)
-            slot = {index: position for position, (index, _) in enumerate(loaded)}
-            batch_requests = [r for index, _ in loaded for r in pending[index]]
-            tokenized = []
-            for request in batch_requests:
-                meta = metas[request.entry]
-                prompt = build_prompt(config.task, request.src, request.tgt, transcript=meta.get("transcript"))
-                tokenized.append(tokenize_example(hf_tokenizer, prompt))
-            by_length = sorted(range(len(batch_requests)), key=lambda i: len(tokenized[i].prompt_ids))
-            group = len(by_length) if engine.batches_whole_chunk else config.batch
-            for first in range(0, len(by_length), group):
-                picked = by_length[first:first + group]
-                rows = torch.tensor([slot[batch_requests[i].entry] for i in picked], device=device)
-                outputs = engine.decode(speech[rows], [tokenized[i] for i in picked], counters)
-                for i, ids in zip(picked, outputs):
-                    request = batch_requests[i]
-                    # tags are added tokens, not special ones: they stay in the text (SRT needs them)
-                    text = hf_tokenizer.decode(ids, skip_special_tokens=True)
-                    part.write(json.dumps(_record(request, metas[request.entry], text, config.task, summary),
-                                          ensure_ascii=False) + "\n")
-                    summary.written += 1
-                part.flush()
+
+        def write(outputs: list[tuple[Request, str]]) -> None:
+            for request, text in outputs:
+                part.write(json.dumps(_record(request, metas[request.entry], text, config.task, summary),
+                                      ensure_ascii=False) + "\n")
+                summary.written += 1
+            part.flush()
+
+        utterances = Utterances(seconds=lambda index: entries[index].seconds, load=load,
+                                transcript=lambda index: metas[index].get("transcript"))
+        decode_utterances(speech_side, engine, hf_tokenizer, utterances, pending, config, summary, counters, write)
     summary.decode_steps, summary.token_rows, summary.output_tokens = (
         counters.decode_steps, counters.token_rows, counters.output_tokens)
     summary.engine = config.engine

@@ -1,0 +1,208 @@
+"""mcat translate-audio on synthesized recordings: the same outputs as mcat translate on the same
+chunk audio, subtitle files that parse, resumable and identity-checked output folders, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import srt
+import webvtt
+from test_segment import _synthesize
+from test_translate_outputs import tiny_checkpoint  # noqa: F401 (a fixture)
+
+from mcat_ds.cli import main
+from mcat_ds.data.audio import SAMPLE_RATE
+from mcat_ds.data.demo import VOICES, demo_sentences
+from mcat_ds.prompts import split_srt_output
+
+TARGETS = ("deu", "fra")
+PAUSES = (1.5, 0.3, 0.8, 1.5)
+"""Between five English sentences: 0.3 s joins two into one segment, the others split."""
+FLAGS = {"loop", "malformed", "empty", "off_target", "unchecked"}
+
+
+def translate_audio(checkpoint, out, *audio, to=",".join(TARGETS), extra=()):
+    return main(["translate-audio", "--checkpoint", str(checkpoint), "--source", "eng", "--to", to,
+                 "--out", str(out), "--max-new-tokens", "4", "--batch", "8", *extra, *map(str, audio)])
+
+
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    soxr = pytest.importorskip("soxr")
+    root = tmp_path_factory.mktemp("audio")
+    texts = [sentence.texts["eng"] for sentence in demo_sentences()[:len(PAUSES) + 1]]
+    jobs = [(VOICES["eng"], text, root / f"s{index}.wav") for index, text in enumerate(texts)]
+    _synthesize(jobs)
+    pieces, rate = [], None
+    for index, (_, _, path) in enumerate(jobs):
+        samples, rate = soundfile.read(path, dtype="float32")
+        loud = np.flatnonzero(np.abs(samples) > 1e-3)
+        pieces += [np.zeros(round((PAUSES[index - 1] if index else 1.0) * rate), np.float32),
+                   samples[loud[0]:loud[-1] + 1]]
+        path.unlink()
+    talk = np.concatenate(pieces + [np.zeros(rate, np.float32)])
+    single = root / "single"
+    folder = root / "folder"
+    single.mkdir()
+    folder.mkdir()
+    soundfile.write(single / "talk.wav", soxr.resample(talk, rate, SAMPLE_RATE, quality="VHQ"), SAMPLE_RATE,
+                    subtype="PCM_16")
+    stereo = soxr.resample(talk[::-1].copy(), rate, 44100, quality="VHQ")  # another order of pauses
+    soundfile.write(folder / "backwards.flac", np.stack([stereo, 0.5 * stereo], axis=1), 44100)
+    soundfile.write(folder / "talk22k.wav", soxr.resample(talk, rate, 22050, quality="VHQ"), 22050)
+    hiss = np.random.default_rng(0).standard_normal(4 * SAMPLE_RATE).astype(np.float32) * 1e-4
+    soundfile.write(folder / "silent.wav", hiss, SAMPLE_RATE)
+    (folder / "corrupt.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    return single, folder
+
+
+@pytest.fixture(scope="module")
+def folder_run(tiny_checkpoint, recordings, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("subtitles") / "out"
+    assert translate_audio(tiny_checkpoint, out, recordings[1]) == 0
+    return out
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_segments_equal_mcat_translate_on_the_chunk_audio(tiny_checkpoint, recordings, tmp_path):  # noqa: F811
+    from mcat_ds.checkpoint import load_checkpoint
+    from mcat_ds.infer.segment import segment_file
+    from mcat_ds.infer.translate import speech_window
+
+    talk = recordings[0] / "talk.wav"
+    out = tmp_path / "out"
+    assert translate_audio(tiny_checkpoint, out, talk) == 0
+    record = read_json(out / "talk.json")
+
+    model, _, _ = load_checkpoint(str(tiny_checkpoint))
+    segmented = segment_file(talk, speech_window(model).seconds, 0.5)
+    assert 2 < len(segmented.chunks) == len(record["segments"])
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    lines = []
+    for index, (chunk, samples) in enumerate(segmented.chunk_samples()):
+        soundfile.write(clips / f"c{index}.wav", samples, SAMPLE_RATE, subtype="FLOAT")
+        assert (record["segments"][index]["start"], record["segments"][index]["end"]) == (
+            round(chunk.start, 3), round(chunk.end, 3))
+        lines.append({"id": f"c{index}", "audio": f"c{index}.wav", "language": "eng", "transcript": "-",
+                      "translations": {tgt: "-" for tgt in TARGETS}})
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    hyps = tmp_path / "hyps.jsonl"
+    assert main(["translate", "--checkpoint", str(tiny_checkpoint), "--data", str(manifest), "--audio-root",
+                 str(clips), "--out", str(hyps), "--engine", "fast", "--max-new-tokens", "4", "--batch", "8"]) == 0
+    outputs = {}
+    for line in hyps.read_text(encoding="utf-8").splitlines():
+        translated = json.loads(line)
+        outputs[int(re.search(r"c(\d+)", translated["id"]).group(1)), translated["tgt"]] = translated["output"]
+    assert len(outputs) == len(segmented.chunks) * len(TARGETS)
+    for index, segment in enumerate(record["segments"]):
+        parts = {tgt: split_srt_output(outputs[index, tgt], "eng", tgt) for tgt in TARGETS}
+        assert segment["translations"] == {tgt: parts[tgt].translation.strip() for tgt in TARGETS}
+        transcripts = [parts[tgt].transcript.strip() for tgt in TARGETS if parts[tgt].well_formed]
+        assert segment["transcript"] == (transcripts or [parts[TARGETS[0]].transcript.strip()])[0]
+        assert set(segment["flags"]) == {"eng", *TARGETS}
+        assert all(set(names) <= FLAGS for names in segment["flags"].values())
+        assert ("malformed" in segment["flags"]["deu"]) == (not parts["deu"].well_formed)
+    summary = read_json(out / "summary.json")
+    assert summary["files"] == 1 and summary["segments"] == len(segmented.chunks)
+    assert summary["audio_seconds"] == pytest.approx(segmented.duration, abs=1e-3)
+    assert summary["real_time_factor"] == pytest.approx(summary["audio_seconds"] / summary["seconds"], rel=1e-2)
+    assert not (out / ".work").exists()
+
+
+def test_subtitle_files_parse_with_monotonic_cues_inside_the_recording(folder_run):
+    for name in ("talk22k", "backwards"):
+        record = read_json(folder_run / f"{name}.json")
+        assert record["flags"] == [] and len(record["segments"]) > 2
+        duration = record["duration"]
+        for language in (*TARGETS, "eng"):
+            subtitles = list(srt.parse((folder_run / f"{name}.{language}.srt").read_text(encoding="utf-8")))
+            texts = [s["transcript"] if language == "eng" else s["translations"][language] for s in record["segments"]]
+            assert len(subtitles) >= sum(bool(text) for text in texts)
+            previous = 0.0
+            for cue in subtitles:
+                start, end = cue.start.total_seconds(), cue.end.total_seconds()
+                assert previous <= start <= end <= duration + 1e-3
+                previous = end
+            # every cue lies inside the segment it came from
+            spans = [(s["start"], s["end"]) for s, text in zip(record["segments"], texts) if text]
+            assert all(any(a - 1e-3 <= c.start.total_seconds() and c.end.total_seconds() <= b + 1e-3
+                           for a, b in spans) for c in subtitles)
+        for tgt in TARGETS:
+            vtt = webvtt.read(str(folder_run / f"{name}.{tgt}.vtt"))
+            spans = re.findall(r"(\S+) --> (\S+)", (folder_run / f"{name}.{tgt}.srt").read_text(encoding="utf-8"))
+            assert [(cue.start, cue.end) for cue in vtt] == [(a.replace(",", "."), b.replace(",", ".")) for a, b in spans]
+
+
+def test_bad_inputs_are_skipped_a_silent_one_gives_empty_subtitles(folder_run):
+    summary = read_json(folder_run / "summary.json")
+    assert [Path(path).name for path in summary["skipped"]] == ["corrupt.wav"]
+    assert "not audio" in next(iter(summary["skipped"].values()))
+    assert sorted(summary["decoded"]) == ["backwards", "silent", "talk22k"] and summary["files"] == 3
+    silent = read_json(folder_run / "silent.json")
+    assert silent["flags"] == ["silent"] and silent["segments"] == []
+    assert (folder_run / "silent.deu.srt").read_text() == "" and (folder_run / "silent.eng.srt").read_text() == ""
+    assert summary["flags"]["silent"] == 1
+    assert not (folder_run / "corrupt.json").exists()
+
+
+def test_a_rerun_decodes_only_what_is_missing_and_refuses_other_settings(tiny_checkpoint, recordings, folder_run,  # noqa: F811
+                                                                         tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(folder_run, out)
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if path.name.startswith(("talk22k.", "silent."))}
+    for path in out.glob("backwards.*"):
+        path.unlink()
+    assert translate_audio(tiny_checkpoint, out, recordings[1]) == 0
+    summary = read_json(out / "summary.json")
+    assert summary["decoded"] == ["backwards"] and sorted(summary["already_done"]) == ["silent", "talk22k"]
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert read_json(out / "backwards.json") == read_json(folder_run / "backwards.json")
+
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert translate_audio(tiny_checkpoint, out, recordings[1], to="deu") == 2
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_arguments_are_refused_before_any_weights_load(tiny_checkpoint, recordings, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import mcat_ds.checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(mcat_ds.checkpoint, "load_checkpoint", refuse)
+    cases = [
+        (["--source", "xxq", "--to", "deu"], recordings[0], "xxq"),
+        (["--source", "eng", "--to", "deu,zzz"], recordings[0], "zzz"),
+        (["--source", "eng", "--to", "deu"], tmp_path / "missing.wav", "no such audio file or folder"),
+        (["--source", "eng"], recordings[0], "--to needs at least one target"),
+    ]
+    for flags, audio, message in cases:
+        assert main(["translate-audio", "--checkpoint", str(tiny_checkpoint), *flags, "--out", str(tmp_path / "o"),
+                     str(audio)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["translate-audio", "--checkpoint", str(tmp_path / "nope"), "--source", "eng", "--to", "deu",
+                 "--out", str(tmp_path / "o"), str(recordings[0])]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_engine_vllm_gives_the_fast_engines_segments(tiny_checkpoint, recordings, tmp_path):  # noqa: F811
+    pytest.importorskip("vllm", reason="vLLM is not installed here (run this file with the vLLM venv's python)")
+    talk = recordings[0] / "talk.wav"
+    assert translate_audio(tiny_checkpoint, tmp_path / "fast", talk) == 0
+    assert translate_audio(tiny_checkpoint, tmp_path / "vllm", talk, extra=[
+        "--engine", "vllm", "--gpu-memory-utilization", "0.1", "--max-model-len", "512", "--dtype", "fp32"]) == 0
+    assert read_json(tmp_path / "vllm" / "talk.json") == read_json(tmp_path / "fast" / "talk.json")
+    assert (tmp_path / "vllm" / "talk.deu.srt").read_bytes() == (tmp_path / "fast" / "talk.deu.srt").read_bytes()
