@@ -159,7 +159,7 @@ def test_bad_inputs_are_skipped_a_silent_one_gives_empty_subtitles(folder_run):
 
 
 def test_a_rerun_decodes_only_what_is_missing_and_refuses_other_settings(tiny_checkpoint, recordings, folder_run,  # noqa: F811
-                                                                         tmp_path):
+                                                                         tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(folder_run, out)
     kept = {path.name: path.read_bytes() for path in out.iterdir() if path.name.startswith(("talk22k.", "silent."))}
@@ -173,6 +173,7 @@ def test_a_rerun_decodes_only_what_is_missing_and_refuses_other_settings(tiny_ch
 
     before = {path.name: path.read_bytes() for path in out.iterdir()}
     assert translate_audio(tiny_checkpoint, out, recordings[1], to="deu") == 2
+    assert "targets: ['deu', 'fra'] there, ['deu'] now" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
