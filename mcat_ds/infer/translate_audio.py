@@ -9,10 +9,15 @@ target, requests batched by prompt length, any engine). Per recording, in ``--ou
     <name>.<src>.srt                     the transcript
     <name>.json                          segments (start, end, transcript, translations, flags); written
                                          last: its presence marks the recording done
-    summary.json                         counts, timing, flags, skipped recordings of the last run
+    summary.json                         the last run: files (recordings it decoded), audio_seconds,
+                                         segments, seconds (wall), real_time_factor (audio / wall),
+                                         flags (counts), skipped (file -> why), decoded, already_done
     translate_audio.identity.json        what made the outputs (a rerun with other settings is refused)
 
-A rerun skips the recordings whose ``<name>.json`` is there and decodes the rest.
+A rerun skips the recordings whose ``<name>.json`` is there and decodes the rest. A recording without
+speech gets empty subtitle files and the flag ``silent``; one that cannot be read is skipped and named.
+With ``--engine vllm`` an MCAT checkpoint is exported once to ``--export-dir`` (default
+``OUT/.vllm.export``).
 
 Chunk samples wait for decoding on disk, one float32 file per recording in ``--out/.work`` (removed
 at the end), read back through ``np.memmap``: longest-first order across recordings needs random
