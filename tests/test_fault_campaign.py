@@ -110,9 +110,7 @@ def test_evaluate_killed_at_random_moments_writes_the_same_tables(work, environm
 def test_at_least_twenty_kills_landed_in_all(campaigns):
     if set(campaigns) != set(KILLS):
         pytest.skip("counts the kills of the four campaigns above, run in the same session")
-    for result in campaigns.values():
-        print(f"{result.command}: {result.kills_landed} landed of {result.kills_attempted} attempted, "
-              f"at {result.kill_moments} s of ~{result.reference_seconds:.1f} s")
+    print("\n".join(result.describe() for result in campaigns.values()))
     assert sum(result.kills_landed for result in campaigns.values()) >= 20
 
 

@@ -87,7 +87,8 @@ class CampaignResult:
     def describe(self) -> str:
         return (f"{self.command}: {self.kills_landed} of {self.kills_attempted} kills landed, {self.restarts} restarts, "
                 f"{self.runs_recovered} runs recovered, {'identical' if self.identical else 'DIFFERENT'} "
-                f"({self.seconds:.0f} s; uninterrupted {self.reference_seconds:.1f} s)"
+                f"({self.seconds:.0f} s; uninterrupted {self.reference_seconds:.1f} s); killed at "
+                f"{', '.join(f'{moment:g}' for moment in self.kill_moments)} s after a start"
                 + "".join(f"\n    differs: {d}" for d in self.differences)
                 + "".join(f"\n    left over: {name}" for name in self.leftovers))
 
