@@ -207,3 +207,16 @@ def test_engine_vllm_gives_the_fast_engines_segments(tiny_checkpoint, recordings
         "--engine", "vllm", "--gpu-memory-utilization", "0.1", "--max-model-len", "512", "--dtype", "fp32"]) == 0
     assert read_json(tmp_path / "vllm" / "talk.json") == read_json(tmp_path / "fast" / "talk.json")
     assert (tmp_path / "vllm" / "talk.deu.srt").read_bytes() == (tmp_path / "fast" / "talk.deu.srt").read_bytes()
+
+
+def test_task_asr_writes_the_transcript_only(tiny_checkpoint, recordings, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(["translate-audio", "--checkpoint", str(tiny_checkpoint), "--source", "eng", "--task", "asr",
+                 "--out", str(out), "--max-new-tokens", "4", str(recordings[0])]) == 0
+    assert sorted(path.name for path in out.iterdir()) == [
+        "summary.json", "talk.eng.srt", "talk.json", "translate_audio.identity.json"]
+    record = read_json(out / "talk.json")
+    assert record["targets"] == [] and all(s["translations"] == {} and set(s["flags"]) == {"eng"}
+                                           for s in record["segments"])
+    assert len(list(srt.parse((out / "talk.eng.srt").read_text(encoding="utf-8")))) >= sum(
+        bool(s["transcript"]) for s in record["segments"])
