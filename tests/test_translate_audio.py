@@ -175,6 +175,11 @@ def test_a_rerun_decodes_only_what_is_missing_and_refuses_other_settings(tiny_ch
     assert translate_audio(tiny_checkpoint, out, recordings[1], to="deu") == 2
     assert "targets: ['deu', 'fra'] there, ['deu'] now" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    for path in out.glob("*.json"):  # without finished recordings the folder is free for other settings
+        if path.name != "translate_audio.identity.json":
+            path.unlink()
+    assert translate_audio(tiny_checkpoint, out, recordings[1], to="deu") == 0
+    assert read_json(out / "translate_audio.identity.json")["targets"] == ["deu"]
 
 
 def test_arguments_are_refused_before_any_weights_load(tiny_checkpoint, recordings, tmp_path, monkeypatch, capsys):  # noqa: F811

@@ -144,8 +144,9 @@ IDENTITY_COMPARED = ("model", "dtype", "task", "source", "targets", "min_silence
 def check_identity(out: Path, identity: dict) -> None:
     """ValueError when ``out`` holds recordings made with other settings, naming what differs."""
     sidecar = out / IDENTITY_FILE
-    if not sidecar.is_file():
-        return
+    finished = [path for path in out.glob("*.json") if path.name not in (IDENTITY_FILE, SUMMARY_FILE)]
+    if not sidecar.is_file() or not finished:
+        return  # nothing to protect: the identity of removed outputs is replaced
     try:
         saved = json.loads(sidecar.read_text(encoding="utf-8"))
         if not isinstance(saved, dict) or saved.get("format") != IDENTITY_FORMAT:
