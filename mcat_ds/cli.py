@@ -328,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError,
-            MissingDependency) as error:
+    except (ConfigError, KeyError, ValueError, OSError, RuntimeError, MissingDependency) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"mcat {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -33,6 +33,14 @@ def fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
+def naming(error: OSError, path: Path) -> OSError:
+    """``error`` with the path it happened to, for a write whose OSError names none (a full disk
+    reported by ``write`` or ``close``: "[Errno 28] No space left on device" alone)."""
+    if error.filename is not None:
+        return error
+    return type(error)(error.errno, error.strerror or str(error), str(path))
+
+
 def write_atomically(path: Path, data: str | bytes, encoding: str = "utf-8") -> None:
     """Replace ``path`` with ``data`` in one step: readers see the old file or the new one.
 
@@ -48,6 +56,9 @@ def write_atomically(path: Path, data: str | bytes, encoding: str = "utf-8") -> 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, path)
+    except OSError as error:
+        staging.unlink(missing_ok=True)
+        raise naming(error, path) from error
     except BaseException:
         staging.unlink(missing_ok=True)
         raise

@@ -20,6 +20,7 @@ from mcat_ds.train.state import (
     checkpoint_problem,
     complete_checkpoints,
     resume_training_state,
+    seal_checkpoint,
 )
 from test_damaged_inputs import damage
 from test_training_units import make_checkpoint
@@ -172,7 +173,7 @@ def names_the_full_disk(log, mount):
 def test_a_full_disk_stops_training_naming_the_path_and_after_space_is_freed_it_completes(training, tmp_path, tmpfs,
                                                                                           environment):
     """The run folder fills while the third checkpoint is written. Every checkpoint marked complete
-    still loads; the newest one is then damaged as well (state.json not UTF-8): the rerun passes over
+    still loads; the newest one is then damaged as well (bytes of state.json changed): the rerun passes over
     it and ends with the uninterrupted losses."""
     target, reference, _ = training
     checkpoint = kib_on_tmpfs(complete_checkpoints(reference / "asr-l2" / "checkpoints")[-1])
@@ -189,7 +190,7 @@ def test_a_full_disk_stops_training_naming_the_path_and_after_space_is_freed_it_
     grow(mount, 4 * kib_on_tmpfs(reference))
     resumed, resumed_log = run_into(target, mount / "run", environment)
     assert resumed == 0, resumed_log[-4000:]
-    assert f"passed over: {newest.name} ({STATE_FILE} is damaged" in resumed_log
+    assert f"passed over: {newest.name} ({STATE_FILE} is not the one saved" in resumed_log
     assert faults.compare_training(mount / "run" / "asr-l2", reference / "asr-l2") == []
     assert names_the_full_disk(log, mount), [line for line in log.splitlines() if "No space" in line]
 
@@ -225,6 +226,7 @@ def saved_state(folder, step=10):
     checked too)."""
     path = make_checkpoint(folder, step)
     save_file({"torch": torch.get_rng_state()}, str(path / "rng-rank00000.safetensors"))
+    seal_checkpoint(path)
     assert checkpoint_problem(path, rank=0) is None
     return path
 

@@ -22,7 +22,6 @@ from mcat_ds.train.stage import (
     stage_paths,
 )
 from mcat_ds.train.state import (
-    COMPLETE_FILE,
     LATEST_FILE,
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -32,6 +31,7 @@ from mcat_ds.train.state import (
     _remove_unfinished,
     checkpoint_problem,
     latest_checkpoint,
+    seal_checkpoint,
 )
 
 
@@ -97,7 +97,7 @@ def make_checkpoint(root, step, complete=True):
     (path / STATE_FILE).write_text(json.dumps({"step": step, "epoch": 0, "positions": [step], "world_size": 1,
                                                "adam_step": step}))
     if complete:
-        (path / COMPLETE_FILE).write_text("")
+        seal_checkpoint(path)
     return path
 
 
@@ -131,6 +131,8 @@ def test_a_cut_checkpoint_is_named_and_pruning_spares_the_older_ones(tmp_path):
     (newest / WEIGHTS_FILE).unlink()
     assert checkpoint_problem(newest) == f"{WEIGHTS_FILE} is missing"
     (newest / STATE_FILE).write_bytes(b'{"step": 2\xff')
+    assert checkpoint_problem(newest).startswith(f"{STATE_FILE} is not the one saved")
+    (newest / "COMPLETE").write_text("")  # a checkpoint saved before seals: the content is all there is
     assert checkpoint_problem(newest).startswith(f"{STATE_FILE} is damaged")
 
 

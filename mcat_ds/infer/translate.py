@@ -43,7 +43,7 @@ from mcat_ds.batching import TokenizedExample, collate_examples, tokenize_exampl
 from mcat_ds.config import Task
 from mcat_ds.data.audio import SAMPLE_RATE, AudioError, FeatureWindow, LogMelSpectrogram, decode_audio, feature_frames, pad_waveforms
 from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, load_index, read_sample_meta
-from mcat_ds.files import write_atomically
+from mcat_ds.files import naming, write_atomically
 from mcat_ds.infer.decoding import DecodeCounters, greedy_decode
 from mcat_ds.infer.outputs import merge_outputs, part_path, read_outputs
 from mcat_ds.infer.requests import Request, TranslateConfig, plan_requests
@@ -262,20 +262,23 @@ def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: s
         return samples
 
     part_file = part_path(out, rank)
-    with open(part_file, "a", encoding="utf-8") as part:
-        if part.tell() and not part_file.read_bytes().endswith(b"\n"):
-            part.write("\n")  # a line cut by a kill stays on its own line (and is ignored)
+    try:
+        with open(part_file, "a", encoding="utf-8") as part:
+            if part.tell() and not part_file.read_bytes().endswith(b"\n"):
+                part.write("\n")  # a line cut by a kill stays on its own line (and is ignored)
 
-        def write(outputs: list[tuple[Request, str]]) -> None:
-            for request, text in outputs:
-                part.write(json.dumps(_record(request, metas[request.entry], text, config.task, summary),
-                                      ensure_ascii=False) + "\n")
-                summary.written += 1
-            part.flush()
+            def write(outputs: list[tuple[Request, str]]) -> None:
+                for request, text in outputs:
+                    part.write(json.dumps(_record(request, metas[request.entry], text, config.task, summary),
+                                          ensure_ascii=False) + "\n")
+                    summary.written += 1
+                part.flush()
 
-        utterances = Utterances(seconds=lambda index: entries[index].seconds, load=load,
-                                transcript=lambda index: metas[index].get("transcript"))
-        decode_utterances(speech_side, engine, hf_tokenizer, utterances, pending, config, summary, counters, write)
+            utterances = Utterances(seconds=lambda index: entries[index].seconds, load=load,
+                                    transcript=lambda index: metas[index].get("transcript"))
+            decode_utterances(speech_side, engine, hf_tokenizer, utterances, pending, config, summary, counters, write)
+    except OSError as error:  # audio reads are caught in load(): this is the part file (a full disk)
+        raise naming(error, part_file) from None
     summary.decode_steps, summary.token_rows, summary.output_tokens = (
         counters.decode_steps, counters.token_rows, counters.output_tokens)
     summary.engine = config.engine

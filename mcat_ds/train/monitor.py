@@ -10,7 +10,7 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from mcat_ds.files import write_atomically
+from mcat_ds.files import naming, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -54,8 +54,11 @@ class StageMonitor:
                              mininterval=0.5 if interactive else 30.0, file=sys.stderr)
 
     def log(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        try:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        except OSError as error:  # a full disk: say which file
+            raise naming(error, self.metrics_path) from None
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):

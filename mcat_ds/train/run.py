@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == PREEMPTED_EXIT_CODE:
             _leave_preemption_marker(placement)
         return code
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ConfigError, ValueError, RuntimeError, OSError) as error:
         print(f"rank {placement.rank}: error: {error}", file=sys.stderr)
         return 2
     finally:

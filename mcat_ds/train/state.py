@@ -24,10 +24,12 @@ never removes the newest one that reads back whole, and a save clears what kille
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -162,29 +164,68 @@ def save_training_state(engine, state: TrainingState, checkpoints: Path, config:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    rng_file = target / f"rng-rank{rank:05d}.safetensors"
-    save_file(rng, str(rng_file))
-    fsync_file(rng_file)
+    _save_tensors(rng, target / f"rng-rank{rank:05d}.safetensors")
     (position,) = state.positions
     positions = [position] * world_size
     if dist.is_initialized():
         dist.all_gather_object(positions, position)
     if rank == 0:
-        for file, tensors in ((WEIGHTS_FILE, weights), (OPTIMIZER_FILE, moments)):
-            save_file(tensors, str(target / file))
-            fsync_file(target / file)
+        _save_tensors(weights, target / WEIGHTS_FILE)
+        _save_tensors(moments, target / OPTIMIZER_FILE)
         record = {**asdict(TrainingState(state.step, state.epoch, positions, world_size, state.plan_offset)),
                   "adam_step": _adam_step(engine), "data_identity": data_identity, "code_version": code_version(),
                   "environment": environment, "config": config}
-        write_atomically(target / STATE_FILE, json.dumps(record, indent=2) + "\n")
+        with _writing(target / STATE_FILE):
+            write_atomically(target / STATE_FILE, json.dumps(record, indent=2) + "\n")
     _barrier()  # every rank's RNG file is on disk
     if rank == 0:
-        fsync_directory(target)
-        write_atomically(target / COMPLETE_FILE, "")
-        write_atomically(checkpoints / LATEST_FILE, target.name)
+        seal_checkpoint(target)
+        with _writing(checkpoints / LATEST_FILE):
+            write_atomically(checkpoints / LATEST_FILE, target.name)
         _prune(checkpoints, keep)
     _barrier()
     return target
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint file could not be written (a full disk, a quota): the older ones are kept."""
+
+
+@contextmanager
+def _writing(path: Path):
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        raise CheckpointWriteError(f"{path} could not be written ({error}); the checkpoints before it are kept, "
+                                   "and a rerun resumes from the newest") from error
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with _writing(path):
+        save_file(tensors, str(path))
+        fsync_file(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal_checkpoint(checkpoint: Path) -> None:
+    """Mark a written checkpoint complete, so that any later change to it is noticed: ``state.json``
+    gets the sha256 of every tensor file, and ``COMPLETE`` (written last) the sha256 of
+    ``state.json``. A bit flipped on disk or on the wire then fails ``checkpoint_problem`` instead
+    of loading as a silently different model."""
+    record = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    record["sha256"] = {path.name: _sha256(path) for path in sorted(checkpoint.glob("*.safetensors"))}
+    with _writing(checkpoint / STATE_FILE):
+        write_atomically(checkpoint / STATE_FILE, json.dumps(record, indent=2) + "\n")
+    fsync_directory(checkpoint)
+    with _writing(checkpoint / COMPLETE_FILE):
+        write_atomically(checkpoint / COMPLETE_FILE, _sha256(checkpoint / STATE_FILE) + "\n")
 
 
 def _remove_unfinished(checkpoints: Path) -> None:
@@ -234,20 +275,28 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def checkpoint_problem(checkpoint: Path, rank: int | None = None) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from (by ``rank``, whose RNG file it reads), else None."""
+    """Why ``checkpoint`` cannot be resumed from (by ``rank``, whose RNG file it reads), else None:
+    a file missing, cut, or (for checkpoints ``seal_checkpoint`` sealed) not the bytes that were saved."""
     try:
-        record = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        sealed = (checkpoint / COMPLETE_FILE).read_bytes().strip().decode("ascii")
+        state_bytes = (checkpoint / STATE_FILE).read_bytes()
+        if sealed and hashlib.sha256(state_bytes).hexdigest() != sealed:
+            return f"{STATE_FILE} is not the one saved: its sha256 differs from the one in {COMPLETE_FILE}"
+        record = json.loads(state_bytes.decode("utf-8"))
         for key in ("step", "epoch", "positions", "world_size", "adam_step"):
             record[key]
-    except FileNotFoundError:
-        return f"{STATE_FILE} is missing"
+    except FileNotFoundError as error:
+        return f"{Path(error.filename).name} is missing"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{STATE_FILE} is damaged ({error.__class__.__name__}: {error})"
     files = [WEIGHTS_FILE, OPTIMIZER_FILE]
     if rank is not None and record["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
         files.append(f"rng-rank{rank:05d}.safetensors")
+    digests = record.get("sha256") or {}
     for file in files:
         problem = _safetensors_problem(checkpoint / file)
+        if problem is None and file in digests and _sha256(checkpoint / file) != digests[file]:
+            problem = f"{file} is not the one saved: its sha256 differs from the one in {STATE_FILE}"
         if problem is not None:
             return problem
     return None
