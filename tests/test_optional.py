@@ -12,7 +12,8 @@ from mcat_ds.optional import OPTIONAL, MissingDependency, require
 
 BLOCKER = REPO / "tests" / "blocked_imports"
 IMAGE_LACKS = ("soundfile", "_cffi_backend", "cffi", "soxr", "webdataset", "braceexpand", "deepspeed", "hjson",
-               "pydantic", "pydantic_core", "liger_kernel", "comet", "vllm", "jiwer", "flash_attn")
+               "pydantic", "pydantic_core", "liger_kernel", "comet", "vllm", "jiwer", "flash_attn", "silero_vad",
+               "lingua")
 """What the GPU image has not (its package list), flash-attn and jiwer included."""
 
 CORE_MODULES = (
@@ -25,6 +26,8 @@ CORE_MODULES = (
     "mcat_ds.bench.data", "mcat_ds.bench.acceptance",
     "mcat_ds.data.audio", "mcat_ds.data.prepare", "mcat_ds.data.loader", "mcat_ds.data.shards",
     "mcat_ds.infer.translate", "mcat_ds.infer.export", "mcat_ds.eval.evaluate", "mcat_ds.cli",
+    "mcat_ds.infer.translate_command", "mcat_ds.infer.translate_audio", "mcat_ds.infer.segment",
+    "mcat_ds.infer.subtitles", "mcat_ds.eval.checks", "mcat_ds.data.stream",
 )
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 
 from mcat_ds.languages import L70, get_language
+from mcat_ds.optional import require
 from mcat_ds.prompts import TAG_PATTERN, split_srt_output
 
 # --- decoding loops -----------------------------------------------------------------------------
@@ -194,6 +195,4 @@ def _detector(languages: frozenset):
 
 
 def _lingua():
-    import lingua  # imported on first use: building its detector is the slow part, not this
-
-    return lingua
+    return require("lingua")  # imported on first use: building its detector is the slow part, not this

@@ -27,6 +27,7 @@ import torch
 
 from mcat_ds.data.audio import SAMPLE_RATE
 from mcat_ds.data.stream import BLOCK_SECONDS, read_blocks
+from mcat_ds.optional import require
 
 FRAME_SAMPLES = 512
 """Silero VAD's frame at 16 kHz: one speech probability per 32 ms."""
@@ -230,21 +231,20 @@ def _vad_model():
     threads = torch.get_num_threads()
     try:
         # silero_vad.model calls torch.set_num_threads(1) when imported, for the whole process.
-        from silero_vad import load_silero_vad
+        silero_vad = require("silero_vad")
     finally:
         torch.set_num_threads(threads)
     with warnings.catch_warnings():  # its loader's importlib.resources.path and torch.jit.load
         warnings.simplefilter("ignore", DeprecationWarning)
-        return load_silero_vad()
+        return silero_vad.load_silero_vad()
 
 
 def detect_speech(blocks: Iterable[np.ndarray], threshold: float = VAD_THRESHOLD) -> VoiceActivity:
     """Speech intervals of a 16 kHz mono stream, block by block: Silero VAD's per-frame probabilities
     turned into intervals by its own rules (threshold with hysteresis, 0.25 s minimum speech, 0.1 s
     minimum silence, 30 ms padding), and each frame's RMS energy for cutting long speech."""
-    from silero_vad import get_speech_timestamps_from_probs
-
     model = _vad_model()
+    get_speech_timestamps_from_probs = require("silero_vad").get_speech_timestamps_from_probs
     model.reset_states()
     probabilities: list[float] = []
     energies: list[np.ndarray] = []
