@@ -246,36 +246,15 @@ def run_translate_audio(options: TranslateAudioOptions) -> int:
 
 def _load(options: TranslateAudioOptions, config: TranslateConfig, device, dtype_name: str):
     """The speech side, the engine and the tokenizer, as ``mcat translate`` loads them."""
-    import torch
+    from mcat_ds.infer.translate_command import TranslateJob, load_decoder, vllm_export
 
-    dtype = getattr(torch, dtype_name)
+    model_path = options.checkpoint
     if config.engine == "vllm":
-        import os
-
-        from transformers import AutoTokenizer
-
-        from mcat_ds.infer.export import LLM_DIR, load_exported_speech_side
-        from mcat_ds.infer.translate_command import TranslateJob, vllm_export
-        from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
-
         job = TranslateJob(checkpoint=options.checkpoint, data="", out=str(Path(options.out) / ".vllm"),
                            export_dir=options.export_dir)
-        export = vllm_export(job, dtype_name, 0, None)
-        speech_side = load_exported_speech_side(export, dtype).to(device)
-        hf_tokenizer = AutoTokenizer.from_pretrained(os.path.join(export, LLM_DIR))
-        settings = VllmSettings(tensor_parallel=options.tensor_parallel, max_model_len=options.max_model_len,
-                                gpu_memory_utilization=options.gpu_memory_utilization)
-        engine = VllmEngine(export, max_new_tokens=config.max_new_tokens,
-                            no_repeat_ngram_size=config.no_repeat_ngram_size,
-                            eos_token_id=speech_side.description.get("eos_token_id", hf_tokenizer.eos_token_id),
-                            dtype=dtype_name, settings=settings)
-        return speech_side, engine, hf_tokenizer
-    from mcat_ds.checkpoint import load_checkpoint
-    from mcat_ds.infer.translate import TorchEngine
-
-    model, tokenizer, _ = load_checkpoint(options.checkpoint)
-    model.to(device=device, dtype=dtype).eval()
-    return model, TorchEngine(model, config), tokenizer.hf
+        model_path = vllm_export(job, dtype_name, 0, None)
+    return load_decoder(model_path, config, device, dtype_name, tensor_parallel=options.tensor_parallel,
+                        max_model_len=options.max_model_len, gpu_memory_utilization=options.gpu_memory_utilization)
 
 
 def _translate(speech_side, engine, hf_tokenizer, todo: list[Recording], targets: list[str],

@@ -171,6 +171,39 @@ def vllm_export(job: TranslateJob, dtype: str, rank: int, barrier) -> str:
     return str(target)
 
 
+def load_decoder(model_path: str, config: TranslateConfig, device, dtype_name: str, *, tensor_parallel: int = 1,
+                 max_model_len: int = 2048, gpu_memory_utilization: float = 0.9,
+                 encoder_checkpoint: str | None = None, llm_checkpoint: str | None = None):
+    """(speech side, engine, tokenizer) for ``config.engine``: an MCAT checkpoint's model for the
+    fast and hf engines, an export (``vllm_export``) for vLLM."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    if config.engine == "vllm":
+        from transformers import AutoTokenizer
+
+        from mcat_ds.infer.export import LLM_DIR, load_exported_speech_side
+        from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
+
+        speech_side = load_exported_speech_side(model_path, dtype).to(device)
+        hf_tokenizer = AutoTokenizer.from_pretrained(os.path.join(model_path, LLM_DIR))
+        settings = VllmSettings(tensor_parallel=tensor_parallel, max_model_len=max_model_len,
+                                gpu_memory_utilization=gpu_memory_utilization)
+        engine = VllmEngine(model_path, max_new_tokens=config.max_new_tokens,
+                            no_repeat_ngram_size=config.no_repeat_ngram_size,
+                            # exports before eos_token_id was recorded: the tokenizer's is the same id
+                            eos_token_id=speech_side.description.get("eos_token_id", hf_tokenizer.eos_token_id),
+                            dtype=dtype_name, settings=settings)
+        return speech_side, engine, hf_tokenizer
+    from mcat_ds.checkpoint import load_checkpoint
+    from mcat_ds.infer.translate import TorchEngine
+
+    model, tokenizer, _ = load_checkpoint(model_path, encoder_checkpoint=encoder_checkpoint,
+                                          llm_checkpoint=llm_checkpoint)
+    model.to(device=device, dtype=dtype).eval()
+    return model, TorchEngine(model, config), tokenizer.hf
+
+
 def _translate_config(job: TranslateJob, generation: GenerationConfig) -> TranslateConfig:
     config = TranslateConfig(
         task=job.task, directions=job.directions,
@@ -252,31 +285,11 @@ def run_translate_job(job: TranslateJob) -> int:
         print(f"mcat translate: {config.engine} engine, beams={config.beams}, max_new_tokens={config.max_new_tokens}, "
               f"no_repeat_ngram_size={config.no_repeat_ngram_size} (the checkpoint's generation settings "
               "unless a flag set them)")
-    dtype = getattr(torch, dtype_name)
-    if config.engine == "vllm":
-        from transformers import AutoTokenizer
-
-        from mcat_ds.infer.export import LLM_DIR, load_exported_speech_side
-        from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
-
-        export = vllm_export(job, dtype_name, rank, barrier)
-        speech_side = load_exported_speech_side(export, dtype).to(device)
-        hf_tokenizer = AutoTokenizer.from_pretrained(os.path.join(export, LLM_DIR))
-        settings = VllmSettings(tensor_parallel=job.tensor_parallel, max_model_len=job.max_model_len,
-                                gpu_memory_utilization=job.gpu_memory_utilization)
-        engine = VllmEngine(export, max_new_tokens=config.max_new_tokens,
-                            no_repeat_ngram_size=config.no_repeat_ngram_size,
-                            # exports before eos_token_id was recorded: the tokenizer's is the same id
-                            eos_token_id=speech_side.description.get("eos_token_id", hf_tokenizer.eos_token_id),
-                            dtype=dtype_name, settings=settings)
-    else:
-        from mcat_ds.checkpoint import load_checkpoint
-        from mcat_ds.infer.translate import TorchEngine
-
-        model, tokenizer, _ = load_checkpoint(job.checkpoint, encoder_checkpoint=job.encoder_checkpoint,
-                                              llm_checkpoint=job.llm_checkpoint)
-        model.to(device=device, dtype=dtype).eval()
-        speech_side, engine, hf_tokenizer = model, TorchEngine(model, config), tokenizer.hf
+    model_path = vllm_export(job, dtype_name, rank, barrier) if config.engine == "vllm" else job.checkpoint
+    speech_side, engine, hf_tokenizer = load_decoder(
+        model_path, config, device, dtype_name, tensor_parallel=job.tensor_parallel, max_model_len=job.max_model_len,
+        gpu_memory_utilization=job.gpu_memory_utilization, encoder_checkpoint=job.encoder_checkpoint,
+        llm_checkpoint=job.llm_checkpoint)
     from mcat_ds.infer.translate import translate
 
     summary = translate(speech_side, engine, hf_tokenizer, data, out, config, rank=rank, world_size=world_size,
