@@ -31,7 +31,7 @@ import mcat_ds
 from mcat_ds.build import CheckpointError, Tokenizer, build_model
 from mcat_ds.config import MCATConfig, from_dict
 from mcat_ds.environment import describe_environment
-from mcat_ds.files import fsync_directory, fsync_tree, read_json_object, remove_stale_staging, staging_sibling
+from mcat_ds.files import building_directory, read_json_object
 from mcat_ds.model import MCATModel
 
 CONFIG_FILE = "mcat_config.json"
@@ -69,15 +69,13 @@ def run_environment(config: MCATConfig) -> dict[str, Any]:
 
 
 def _replace_directory(staging: Path, final: Path) -> None:
-    """``staging`` (flushed) becomes ``final``; an existing ``final`` stays whole until then."""
-    fsync_tree(staging)
+    """``staging`` becomes ``final``; an existing ``final`` stays whole until then."""
     previous = final.with_name(final.name + ".previous")
     if previous.exists():
         shutil.rmtree(previous)
     if final.exists():
         os.replace(final, previous)
     os.replace(staging, final)
-    fsync_directory(final.parent)
     if previous.exists():
         shutil.rmtree(previous)
 
@@ -92,20 +90,15 @@ def save_checkpoint(
     """Write the trainable weights: the model's own, or ``weights`` (trainable parameter name ->
     tensor, e.g. the fp32 masters a bf16 engine keeps) where given."""
     final = Path(directory)
-    remove_stale_staging(final)  # left by a writer that was killed
-    staging = staging_sibling(final)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    weights = weights or {}
-    adapter_state = {name: weights.get(f"adapter.{name}", tensor) for name, tensor in model.adapter.state_dict().items()}
-    adapter_state = {name: tensor.detach().cpu().contiguous() for name, tensor in adapter_state.items()}
-    save_file(adapter_state, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
-    llm_state = model.llm.state_dict()
-    llm_state.update({name[len("llm."):]: tensor for name, tensor in weights.items() if name.startswith("llm.")})
-    model.llm.save_pretrained(str(staging / LORA_DIR), state_dict=llm_state, save_embedding_layers=False)
-    write_checkpoint_metadata(staging, config, tokenizer.tag_ids)
-    _replace_directory(staging, final)
+    with building_directory(final, _replace_directory) as staging:
+        weights = weights or {}
+        adapter_state = {name: weights.get(f"adapter.{name}", tensor) for name, tensor in model.adapter.state_dict().items()}
+        adapter_state = {name: tensor.detach().cpu().contiguous() for name, tensor in adapter_state.items()}
+        save_file(adapter_state, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
+        llm_state = model.llm.state_dict()
+        llm_state.update({name[len("llm."):]: tensor for name, tensor in weights.items() if name.startswith("llm.")})
+        model.llm.save_pretrained(str(staging / LORA_DIR), state_dict=llm_state, save_embedding_layers=False)
+        write_checkpoint_metadata(staging, config, tokenizer.tag_ids)
     return final
 
 

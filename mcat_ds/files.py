@@ -8,10 +8,13 @@ all-or-nothing on POSIX filesystems.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -125,3 +128,33 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: damaged, expected a mapping at the top level")
     return value
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MB blocks (checkpoints are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def building_directory(final: Path, publish: Callable[[Path, Path], None] = os.replace) -> Iterator[Path]:
+    """A directory built in a ``staging_sibling`` (yielded, created empty) and, when the block ends
+    without an error, flushed and published as ``final`` with ``publish(staging, final)`` (a plain
+    rename by default; it replaces an empty ``final`` in one step). A failed block removes the
+    staging folder, so ``final`` is complete or untouched; dead writers' folders go first."""
+    final = Path(final)
+    remove_stale_staging(final)
+    staging = staging_sibling(final)
+    shutil.rmtree(staging, ignore_errors=True)  # only a dead process with this host and pid could have left it
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        fsync_tree(staging)
+        publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_directory(final.parent)

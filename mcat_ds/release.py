@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 
 from mcat_ds.checkpoint import ADAPTER_FILE, LORA_DIR, LORA_WEIGHTS_FILE, write_checkpoint_metadata
 from mcat_ds.config import MCATConfig
-from mcat_ds.files import fsync_directory, fsync_tree, remove_stale_staging, staging_sibling
+from mcat_ds.files import building_directory
 
 _QFORMER_RENAMES = (
     (r"^query$", "queries"),
@@ -268,10 +267,11 @@ def import_release_checkpoint(model_pt: str | Path, config: MCATConfig, out: str
     train_config = read_release_train_config(release_config) if release_config is not None else None
     report = ImportReport(adapter_tensors=len(adapter), lora_tensors=len(lora.state), dropped=lora.dropped)
     config = release_model_config(config, lora.state, lora_alpha=lora_alpha, train_config=train_config, report=report)
-    remove_stale_staging(out)  # left by imports that were killed
-    staging = staging_sibling(out)
-    shutil.rmtree(staging, ignore_errors=True)  # only a dead process with this host and pid could have left it
-    try:
+    def publish(staging: Path, final: Path) -> None:
+        _refuse_existing(final)  # created while this import ran: os.replace would take an empty one's place
+        os.replace(staging, final)
+
+    with building_directory(out, publish) as staging:
         (staging / LORA_DIR).mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(staging / ADAPTER_FILE), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in lora.state.items()}, str(staging / LORA_DIR / LORA_WEIGHTS_FILE),
@@ -286,11 +286,4 @@ def import_release_checkpoint(model_pt: str | Path, config: MCATConfig, out: str
         ).save_pretrained(str(staging / LORA_DIR))
         write_checkpoint_metadata(staging, config, {}, imported_from=str(model_pt),
                                   import_report={"dropped_lora": lora.dropped, "lora_sources": report.lora_sources})
-        fsync_tree(staging)
-        _refuse_existing(out)  # created while this import ran: os.replace would take an empty one's place
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_directory(out.parent)
     return report

@@ -18,8 +18,6 @@ restarts, runs recovered, whether every recovered run was identical, seconds.
 
 from __future__ import annotations
 
-import csv
-import datetime
 import json
 import os
 import random
@@ -450,21 +448,13 @@ def write_evaluation_hyps(path: Path, languages: tuple[str, ...] = FLEURS_LANGUA
 
 
 def append_rows(path: str | Path, results: list[CampaignResult]) -> None:
-    from mcat_ds.bench.harness import commit, device_name
+    from mcat_ds.bench.harness import append_stamped_rows
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    stamp = {"device": device_name(), "date": datetime.date.today().isoformat(), "commit": commit()}
-    with open(path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        for result in results:
-            writer.writerow({**stamp, "command": result.command, "seed": result.seed,
-                             "kills_attempted": result.kills_attempted, "kills_landed": result.kills_landed,
-                             "restarts": result.restarts, "runs_recovered": result.runs_recovered,
-                             "identical": "yes" if result.identical else "no", "seconds": f"{result.seconds:.1f}"})
+    append_stamped_rows(path, CSV_COLUMNS, [
+        {"command": result.command, "seed": result.seed, "kills_attempted": result.kills_attempted,
+         "kills_landed": result.kills_landed, "restarts": result.restarts, "runs_recovered": result.runs_recovered,
+         "identical": "yes" if result.identical else "no", "seconds": f"{result.seconds:.1f}"}
+        for result in results])
 
 
 def _targets(commands: list[str], inputs: Path, sentences: int, comet_model: Path | None) -> dict[str, Target]:

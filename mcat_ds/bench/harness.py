@@ -61,20 +61,25 @@ class Row:
     ratio: float | None = None
 
 
-def append_rows(path: str | Path, rows: list[Row]) -> None:
+def append_stamped_rows(path: str | Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """Append rows to a benchmark CSV (header first when it is new), each stamped with the device,
+    the date and the commit it was measured on."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     stamp = {"device": device_name(), "date": datetime.date.today().isoformat(), "commit": commit()}
     with open(path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new:
             writer.writeheader()
         for row in rows:
-            values = asdict(row)
-            values["value"] = f"{row.value:.6g}"
-            values["ratio"] = "" if row.ratio is None else f"{row.ratio:.3f}"
-            writer.writerow({**stamp, **values})
+            writer.writerow({**stamp, **row})
+
+
+def append_rows(path: str | Path, rows: list[Row]) -> None:
+    append_stamped_rows(path, CSV_COLUMNS, [
+        {**asdict(row), "value": f"{row.value:.6g}", "ratio": "" if row.ratio is None else f"{row.ratio:.3f}"}
+        for row in rows])
 
 
 def report(rows: list[Row], csv_path: str | Path | None) -> None:

@@ -21,7 +21,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import tarfile
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from mcat_ds.data.audio import AudioError, check_audio, decode_audio, encode_flac, require_audio_packages
 from mcat_ds.data.sources import Skipped, Utterance
-from mcat_ds.files import fsync_directory, fsync_tree, remove_stale_staging, staging_sibling
+from mcat_ds.files import building_directory
 from mcat_ds.optional import require
 
 INDEX_FILE = "index.jsonl"
@@ -168,20 +167,9 @@ def prepare_shards(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory; choose an empty or new one")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    staging = staging_sibling(out)
-    if staging.exists():  # an earlier process that had our pid
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    # rename(2) replaces an empty directory in one step, so `out` is never half written
+    with building_directory(out) as staging:
         report = _write_prepared(records, staging, max_seconds, limits, workers or os.cpu_count() or 1)
-        fsync_tree(staging)
-        # rename(2) replaces an empty directory in one step, so `out` is never half written
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_directory(out.parent)
     return report
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +33,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from mcat_ds.build import inputs_embeds_scale
 from mcat_ds.checkpoint import checkpoint_fingerprint, load_checkpoint
 from mcat_ds.config import AdapterConfig, from_dict
-from mcat_ds.files import fsync_directory, fsync_tree, read_json_object, remove_stale_staging, staging_sibling
+from mcat_ds.files import building_directory, read_json_object
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import dense_attn_implementation
 from mcat_ds.model.encoder import SpeechEncoder
@@ -98,16 +96,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "bfl
         first_layer_scale = inputs_embeds_scale(model.llm, width) * model.speech_input_scale
         # under the lock no other export to out runs on this host, but one on another host may
         # (flock need not reach across nodes): only this host's dead writers' folders go
-        remove_stale_staging(out)
-        staging = staging_sibling(out)
-        try:
+        with building_directory(out) as staging:  # a failed export leaves no tens of GB behind
             _write_export(model, tokenizer, config, checkpoint, fingerprint, staging, dtype, first_layer_scale, width)
-            fsync_tree(staging)
-            os.replace(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)  # tens of GB at 27B
-            raise
-        fsync_directory(out.parent)
     return out
 
 

@@ -14,7 +14,6 @@ the identity: ``--directions x-eng`` into an OUT that holds an ``eng-x`` run add
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -91,14 +90,6 @@ def merge_outputs(out: Path, order: dict[str, int], warn: Callable[[str], None] 
     for path in parts:
         path.unlink(missing_ok=True)
     return len(lines)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from mcat_ds.config import GenerationConfig, Task
 from mcat_ds.data.prepare import INDEX_FILE
+from mcat_ds.files import file_sha256
 from mcat_ds.infer.outputs import (
     OutputIdentity,
     check_output_identity,
-    file_sha256,
     merge_outputs,
     read_outputs,
     write_output_identity,

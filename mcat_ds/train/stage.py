@@ -11,7 +11,6 @@ Layout of a run directory (one per curriculum)::
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from mcat_ds.data.loader import Batch, Collator, ExampleDataset, make_loader
 from mcat_ds.data.plan import deal_to_rank, plan_epoch
 from mcat_ds.data.prepare import INDEX_FILE
 from mcat_ds.data.shards import load_index
+from mcat_ds.files import file_sha256
 from mcat_ds.train.costs import check_memory_fits, peak_flops, step_flops
 from mcat_ds.train.engine import deepspeed_config, learning_rate, make_optimizer
 from mcat_ds.train.monitor import StageMonitor
@@ -157,13 +157,9 @@ class _ExampleStream:
 def data_identity(config: MCATConfig) -> dict[str, object]:
     """What a saved data position means: the examples (the index's content, wherever it lies now),
     their selection and order, and how many a step takes. A resume compares it key by key."""
-    digest = hashlib.sha256()
-    with open(Path(config.data.path) / INDEX_FILE, "rb") as index:
-        for block in iter(lambda: index.read(1 << 20), b""):
-            digest.update(block)
     selection = example_selection(config)
     return {
-        "data.index_sha256": digest.hexdigest(),
+        "data.index_sha256": file_sha256(Path(config.data.path) / INDEX_FILE),
         "data.seed": config.data.seed,
         "stage.selection": f"{selection.task} {','.join(selection.languages)} per_language={selection.max_per_language} "
                            f"per_direction={selection.max_per_direction} targets={selection.targets_per_utterance}",

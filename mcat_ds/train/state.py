@@ -50,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mcat_ds.checkpoint import code_version
-from mcat_ds.files import fsync_directory, fsync_file, write_atomically
+from mcat_ds.files import file_sha256, fsync_directory, fsync_file, write_atomically
 
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -206,26 +206,18 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         fsync_file(path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def seal_checkpoint(checkpoint: Path) -> None:
     """Mark a written checkpoint complete, so that any later change to it is noticed: ``state.json``
     gets the sha256 of every tensor file, and ``COMPLETE`` (written last) the sha256 of
     ``state.json``. A bit flipped on disk or on the wire then fails ``checkpoint_problem`` instead
     of loading as a silently different model."""
     record = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    record["sha256"] = {path.name: _sha256(path) for path in sorted(checkpoint.glob("*.safetensors"))}
+    record["sha256"] = {path.name: file_sha256(path) for path in sorted(checkpoint.glob("*.safetensors"))}
     with _writing(checkpoint / STATE_FILE):
         write_atomically(checkpoint / STATE_FILE, json.dumps(record, indent=2) + "\n")
     fsync_directory(checkpoint)
     with _writing(checkpoint / COMPLETE_FILE):
-        write_atomically(checkpoint / COMPLETE_FILE, _sha256(checkpoint / STATE_FILE) + "\n")
+        write_atomically(checkpoint / COMPLETE_FILE, file_sha256(checkpoint / STATE_FILE) + "\n")
 
 
 def _remove_unfinished(checkpoints: Path) -> None:
@@ -295,7 +287,7 @@ def checkpoint_problem(checkpoint: Path, rank: int | None = None) -> str | None:
     digests = record.get("sha256") or {}
     for file in files:
         problem = _safetensors_problem(checkpoint / file)
-        if problem is None and file in digests and _sha256(checkpoint / file) != digests[file]:
+        if problem is None and file in digests and file_sha256(checkpoint / file) != digests[file]:
             problem = f"{file} is not the one saved: its sha256 differs from the one in {STATE_FILE}"
         if problem is not None:
             return problem
