@@ -59,6 +59,23 @@ def tiny_config(tiny_dirs):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dirs, tmp_path_factory):
+    """An untrained tiny checkpoint (tag rows trainable), saved and loaded the way users' are."""
+    from mcat_ds.build import build_model
+    from mcat_ds.checkpoint import save_checkpoint
+
+    config = get_preset("tiny")
+    config.model.encoder.checkpoint = str(tiny_dirs["whisper"])
+    config.model.llm.checkpoint = str(tiny_dirs["gemma2"])
+    config = apply_overrides(config, ["model.llm.train_embeddings=tags"])
+    torch.manual_seed(0)
+    model, tokenizer = build_model(config)
+    directory = tmp_path_factory.mktemp("checkpoint") / "ckpt"
+    save_checkpoint(model, tokenizer, config, directory)
+    return directory
+
+
 def write_trained_checkpoint(config, directory: Path) -> Path:
     """A checkpoint of ``config`` whose trainable LLM weights (LoRA, tag rows) are non-zero, so that
     merging or exporting them changes what the model computes."""

@@ -10,29 +10,12 @@ import torch
 
 from mcat_ds.batching import collate_examples, tokenize_example
 from mcat_ds.build import build_model
-from mcat_ds.checkpoint import save_checkpoint
 from mcat_ds.cli import main
 from mcat_ds.data.shards import load_index
 from mcat_ds.infer.decoding import DecodeCounters, greedy_decode
 from mcat_ds.infer.requests import TranslateConfig, parse_directions, plan_requests
 from mcat_ds.model.mcat import GenerationOptions
 from mcat_ds.train.distributed import free_port
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_dirs, tmp_path_factory):
-    from mcat_ds.config import apply_overrides
-    from mcat_ds.presets import get_preset
-
-    config = get_preset("tiny")
-    config.model.encoder.checkpoint = str(tiny_dirs["whisper"])
-    config.model.llm.checkpoint = str(tiny_dirs["gemma2"])
-    config = apply_overrides(config, ["model.llm.train_embeddings=tags"])
-    torch.manual_seed(0)
-    model, tokenizer = build_model(config)
-    directory = tmp_path_factory.mktemp("translate") / "ckpt"
-    save_checkpoint(model, tokenizer, config, directory)
-    return directory
 
 
 def prompts_and_speech(model, tokenizer, count=6):

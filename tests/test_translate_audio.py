@@ -14,7 +14,6 @@ import soundfile
 import srt
 import webvtt
 from test_segment import _synthesize
-from test_translate_outputs import tiny_checkpoint  # noqa: F401 (a fixture)
 
 from mcat_ds.cli import main
 from mcat_ds.data.audio import SAMPLE_RATE
@@ -65,7 +64,7 @@ def recordings(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder_run(tiny_checkpoint, recordings, tmp_path_factory):  # noqa: F811
+def folder_run(tiny_checkpoint, recordings, tmp_path_factory):
     out = tmp_path_factory.mktemp("subtitles") / "out"
     assert translate_audio(tiny_checkpoint, out, recordings[1]) == 0
     return out
@@ -75,7 +74,7 @@ def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_segments_equal_mcat_translate_on_the_chunk_audio(tiny_checkpoint, recordings, tmp_path):  # noqa: F811
+def test_segments_equal_mcat_translate_on_the_chunk_audio(tiny_checkpoint, recordings, tmp_path):
     from mcat_ds.checkpoint import load_checkpoint
     from mcat_ds.infer.segment import segment_file
     from mcat_ds.infer.translate import speech_window
@@ -158,7 +157,7 @@ def test_bad_inputs_are_skipped_a_silent_one_gives_empty_subtitles(folder_run):
     assert not (folder_run / "corrupt.json").exists()
 
 
-def test_a_rerun_decodes_only_what_is_missing_and_refuses_other_settings(tiny_checkpoint, recordings, folder_run,  # noqa: F811
+def test_a_rerun_decodes_only_what_is_missing_and_refuses_other_settings(tiny_checkpoint, recordings, folder_run,
                                                                          tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(folder_run, out)
@@ -182,7 +181,7 @@ def test_a_rerun_decodes_only_what_is_missing_and_refuses_other_settings(tiny_ch
     assert read_json(out / "translate_audio.identity.json")["targets"] == ["deu"]
 
 
-def test_arguments_are_refused_before_any_weights_load(tiny_checkpoint, recordings, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_arguments_are_refused_before_any_weights_load(tiny_checkpoint, recordings, tmp_path, monkeypatch, capsys):
     import mcat_ds.checkpoint
 
     def refuse(*args, **kwargs):
@@ -204,7 +203,7 @@ def test_arguments_are_refused_before_any_weights_load(tiny_checkpoint, recordin
     assert "no such checkpoint" in capsys.readouterr().err
 
 
-def test_engine_vllm_gives_the_fast_engines_segments(tiny_checkpoint, recordings, tmp_path):  # noqa: F811
+def test_engine_vllm_gives_the_fast_engines_segments(tiny_checkpoint, recordings, tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed here (run this file with the vLLM venv's python)")
     talk = recordings[0] / "talk.wav"
     assert translate_audio(tiny_checkpoint, tmp_path / "fast", talk) == 0
@@ -214,7 +213,7 @@ def test_engine_vllm_gives_the_fast_engines_segments(tiny_checkpoint, recordings
     assert (tmp_path / "vllm" / "talk.deu.srt").read_bytes() == (tmp_path / "fast" / "talk.deu.srt").read_bytes()
 
 
-def test_task_asr_writes_the_transcript_only(tiny_checkpoint, recordings, tmp_path):  # noqa: F811
+def test_task_asr_writes_the_transcript_only(tiny_checkpoint, recordings, tmp_path):
     out = tmp_path / "out"
     assert main(["translate-audio", "--checkpoint", str(tiny_checkpoint), "--source", "eng", "--task", "asr",
                  "--out", str(out), "--max-new-tokens", "4", str(recordings[0])]) == 0

@@ -4,31 +4,12 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from mcat_ds.build import build_model
-from mcat_ds.checkpoint import save_checkpoint
 from mcat_ds.cli import main
 from mcat_ds.infer.outputs import identity_path, merge_outputs, part_paths, read_records
 
 JAPANESE = {"id": "u1:jpn-eng", "output": "明日は雨が降りますか？", "hyp": "明日は雨が降りますか？"}
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_dirs, tmp_path_factory):
-    from mcat_ds.config import apply_overrides
-    from mcat_ds.presets import get_preset
-
-    config = get_preset("tiny")
-    config.model.encoder.checkpoint = str(tiny_dirs["whisper"])
-    config.model.llm.checkpoint = str(tiny_dirs["gemma2"])
-    config = apply_overrides(config, ["model.llm.train_embeddings=tags"])
-    torch.manual_seed(0)
-    model, tokenizer = build_model(config)
-    directory = tmp_path_factory.mktemp("outputs") / "ckpt"
-    save_checkpoint(model, tokenizer, config, directory)
-    return directory
 
 
 def read_jsonl(path):
