@@ -58,6 +58,32 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+def test_off_target_rate_counts_outputs_in_another_language(corpus, tmp_path):
+    """The reference of another target as the hypothesis: an output in the wrong language."""
+    records = [dict(r) for r in corpus["records"]]
+    wrong = {"deu_fra": "eng", "eng_cmn": "deu"}  # direction -> the language its outputs come out in
+    for record in records:
+        direction = f"{record['src']}_{record['tgt']}"
+        if direction in wrong:
+            sentence = next(s for s in demo_sentences() if s.texts[record["tgt"]] == record["ref"])
+            record["hyp"] = sentence.texts[wrong[direction]]
+    hyps = tmp_path / "hyps.jsonl"
+    hyps.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--hyps", str(hyps), "--out", str(out)]) == 0
+    rows = {row["iso3"]: row for row in read_csv(out / "directions.csv")}
+    for direction, row in rows.items():
+        judged = int(row["language_checked"])
+        # the hypotheses are near-copies of the reference: judged unless too short (MIN_LETTERS)
+        assert 0 < judged <= int(row["n"]), row
+        assert float(row["off_target"]) == (100.0 if direction in wrong else 0.0), row
+    summary = (out / "summary.md").read_text(encoding="utf-8").split("## Output language")[1]
+    judged = sum(int(row["language_checked"]) for row in rows.values())
+    wrong_outputs = sum(int(rows[d]["language_checked"]) for d in wrong)
+    assert f"{wrong_outputs} of {judged} outputs judged are in another language" in summary
+    assert "| deu_fra | 100.00 |" in summary and "| eng_cmn | 100.00 |" in summary and "| eng_deu |" not in summary
+
+
 def sacrebleu_flores200(spm_model, hyps, refs, tmp_path) -> float:
     """sacrebleu's own tokenize='flores200' with the test's model in its cache folder."""
     (tmp_path / "sacrebleu" / "models").mkdir(parents=True, exist_ok=True)
@@ -74,7 +100,8 @@ def test_metrics_equal_sacrebleu_and_jiwer(corpus, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--hyps", str(corpus["hyps"]), "--out", str(out), "--spm", str(corpus["spm"])]) == 0
     rows = {row["iso3"]: row for row in read_csv(out / "directions.csv")}
-    assert list(read_csv(out / "directions.csv")[0]) == ["iso3", "n", "spbleu", "chrf", "comet", "wer", "cer"]
+    assert list(read_csv(out / "directions.csv")[0]) == ["iso3", "n", "spbleu", "chrf", "comet", "wer", "cer",
+                                                         "off_target", "language_checked"]
     assert len(rows) == 20 and all(row["comet"] == "" for row in rows.values())
     for direction in ("eng_deu", "cmn_jpn", "fra_eng"):
         group = [r for r in corpus["records"] if f"{r['src']}_{r['tgt']}" == direction]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -169,12 +169,32 @@ def output_language(text: str, expected: str, candidates: Iterable[str] | None =
     "unchecked": lingua does not know ``expected``, the text is shorter than MIN_LETTERS, or the
     call is too close (LANGUAGE_MARGIN).
     """
-    target = lingua_language(expected)
-    text = TAG_PATTERN.sub(" ", text)
-    if target is None or _letters(text) < MIN_LETTERS:
-        return "unchecked"
-    known = {language for code in (L70 if candidates is None else candidates) if (language := lingua_language(code))}
-    confidences = _detector(frozenset(known | {target})).compute_language_confidence_values(text)
+    return output_languages([text], [expected], candidates)[0]
+
+
+def output_languages(texts: Sequence[str], expected: Sequence[str],
+                     candidates: Iterable[str] | None = None) -> list[LanguageCheck]:
+    """:func:`output_language` of many texts at once (``expected[i]`` for ``texts[i]``): one
+    detector, the texts judged on all cores (lingua's parallel call), for scoring whole test sets."""
+    if len(texts) != len(expected):
+        raise ValueError(f"{len(texts)} texts but {len(expected)} expected languages")
+    verdicts: list[LanguageCheck] = ["unchecked"] * len(texts)
+    targets = [lingua_language(code) for code in expected]
+    cleaned = [TAG_PATTERN.sub(" ", text) for text in texts]
+    judged = [index for index, (target, text) in enumerate(zip(targets, cleaned))
+              if target is not None and _letters(text) >= MIN_LETTERS]
+    if not judged:
+        return verdicts
+    pool = L70 if candidates is None else candidates
+    known = {language for code in pool if (language := lingua_language(code))}
+    detector = _detector(frozenset(known | {targets[index] for index in judged}))
+    values = detector.compute_language_confidence_values_in_parallel([cleaned[index] for index in judged])
+    for index, confidences in zip(judged, values):
+        verdicts[index] = _verdict(confidences, targets[index])
+    return verdicts
+
+
+def _verdict(confidences, target) -> LanguageCheck:
     if not confidences:
         return "unchecked"
     top = confidences[0]

@@ -6,10 +6,16 @@ Per direction (``src_tgt``; ASR outputs per source language):
 - chrF++: sacrebleu chrF with word order 2;
 - COMET: unbabel-comet from a local checkpoint (wmt22-comet-da), src = reference transcript, mt =
   hypothesis, ref = reference translation, as the release scores it; x100 like its published CSV;
-- WER / CER (jiwer) of the transcripts: ASR hypotheses, and the transcript half of SRT outputs.
+- WER / CER (jiwer) of the transcripts: ASR hypotheses, and the transcript half of SRT outputs;
+- off-target rate: the percentage of outputs (translations; ASR transcripts) in another language
+  than the one asked for, by lingua (``mcat_ds.eval.checks.output_languages``, the file's languages
+  as candidates), of those it can judge: lingua knows the language, the text is long enough, the
+  call is clear. Many-to-many models fail this way (English or the source language out); BLEU and
+  COMET show it only as a low score.
 
 Writes into the output directory:
-- ``directions.csv``: ``iso3,n,spbleu,chrf,comet,wer,cer`` (empty where not computed);
+- ``directions.csv``: ``iso3,n,spbleu,chrf,comet,wer,cer,off_target,language_checked`` (empty where
+  not computed; ``language_checked``: how many outputs the off-target rate is over);
 - ``sentences.jsonl``: sentence-level scores (COMET, chrF++), so that a later run reuses COMET
   scores of unchanged hypotheses by the same COMET model and can add a metric without recomputing
   the others;
@@ -42,12 +48,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcat_ds.eval.checks import output_languages
 from mcat_ds.files import write_atomically
 from mcat_ds.languages import LANGUAGES
-from mcat_ds.optional import require
+from mcat_ds.optional import MissingDependency, require
 from mcat_ds.prompts import SRTSplitRule, split_srt
 
-DIRECTION_COLUMNS = ("iso3", "n", "spbleu", "chrf", "comet", "wer", "cer")
+DIRECTION_COLUMNS = ("iso3", "n", "spbleu", "chrf", "comet", "wer", "cer", "off_target", "language_checked")
 LANGUAGE_ORDER = {language.code: position for position, language in enumerate(LANGUAGES)}
 
 
@@ -204,6 +211,9 @@ class DirectionScores:
     comet: float | None = None
     wer: float | None = None
     cer: float | None = None
+    off_target: float | None = None
+    """Percent of the outputs judged (``language_checked``) that are in another language."""
+    language_checked: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -309,6 +319,13 @@ def evaluate(hyps_path: str | Path, out_dir: str | Path, comet_model: str | None
     by_direction: dict[str, list[Hypothesis]] = defaultdict(list)
     for h in hypotheses:
         by_direction[h.direction].append(h)
+    languages = sorted({code for h in hypotheses for code in (h.src, h.tgt) if code})
+    try:
+        verdicts = dict(zip((id(h) for h in hypotheses), output_languages(
+            [h.hyp for h in hypotheses], [h.tgt or h.src for h in hypotheses], languages)))
+    except MissingDependency as missing:  # the other scores do not need it
+        warnings.warn(f"no off-target rates: {missing}", stacklevel=2)
+        verdicts = {id(h): "unchecked" for h in hypotheses}
     results = []
     for direction, group in sorted(by_direction.items(), key=lambda item: _direction_sort_key(item[0])):
         scores = DirectionScores(direction, len(group))
@@ -325,6 +342,10 @@ def evaluate(hyps_path: str | Path, out_dir: str | Path, comet_model: str | None
         transcripts = [(t, r) for t, r in transcripts if t is not None and r]
         if transcripts:
             scores.wer, scores.cer = error_rates([t for t, _ in transcripts], [r for _, r in transcripts])
+        judged = [verdicts[id(h)] for h in group if verdicts[id(h)] != "unchecked"]
+        scores.language_checked = len(judged)
+        if judged:
+            scores.off_target = 100 * judged.count("off_target") / len(judged)
         results.append(scores)
 
     write_atomically(sentences_path, "".join(json.dumps(record, ensure_ascii=False) + "\n"
@@ -358,8 +379,8 @@ def _csv_text(rows) -> str:
 
 def write_directions_csv(path: Path, results: list[DirectionScores]) -> None:
     rows = [DIRECTION_COLUMNS]
-    rows += [[r.iso3, r.n, _format(r.spbleu), _format(r.chrf), _format(r.comet), _format(r.wer), _format(r.cer)]
-             for r in results]
+    rows += [[r.iso3, r.n, _format(r.spbleu), _format(r.chrf), _format(r.comet), _format(r.wer), _format(r.cer),
+              _format(r.off_target), r.language_checked] for r in results]
     write_atomically(path, _csv_text(rows))
 
 
@@ -452,6 +473,7 @@ def summary_markdown(results: list[DirectionScores], published: dict[str, dict[s
     if asr:
         lines += ["", "## Transcripts", "", "| direction | n | WER | CER |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {r.iso3} | {r.n} | {_format(r.wer)} | {_format(r.cer)} |" for r in asr]
+    lines += _output_language_lines(results)
     if published is not None:
         matched = [r for r in pairs if r.iso3 in published]
         lines += ["", "## Against the published scores", "",
@@ -465,6 +487,30 @@ def summary_markdown(results: list[DirectionScores], published: dict[str, dict[s
                 ours, theirs = _mean(a for a, _ in both), _mean(b for _, b in both)
                 lines.append(f"| {metric} | {len(both)} | {_format(ours)} | {_format(theirs)} | {_format(ours - theirs)} |")
     return "\n".join(lines) + "\n"
+
+
+OFF_TARGET_SHOWN = 20
+"""summary.md lists this many directions with the most off-target outputs (all are in directions.csv)."""
+
+
+def _output_language_lines(results: list[DirectionScores]) -> list[str]:
+    checked = sum(r.language_checked for r in results)
+    if not checked:
+        return ["", "## Output language", "", "No output could be judged (languages lingua does not know, or "
+                "outputs too short)."]
+    wrong = sum(round(r.off_target * r.language_checked / 100) for r in results if r.off_target is not None)
+    total = sum(r.n for r in results)
+    lines = ["", "## Output language", "",
+             f"{wrong} of {checked} outputs judged are in another language than the one asked for "
+             f"({_format(100 * wrong / checked)}%); {total - checked} of {total} outputs were not judged (a language "
+             "lingua does not know, a text under 8 letters, or too close a call)."]
+    worst = sorted((r for r in results if r.off_target), key=lambda r: (-r.off_target, _direction_sort_key(r.iso3)))
+    if worst:
+        lines += ["", "| direction | off-target % | judged |", "| --- | ---: | ---: |"]
+        lines += [f"| {r.iso3} | {_format(r.off_target)} | {r.language_checked} |" for r in worst[:OFF_TARGET_SHOWN]]
+        if len(worst) > OFF_TARGET_SHOWN:
+            lines.append(f"\n{len(worst) - OFF_TARGET_SHOWN} more directions have off-target outputs: see directions.csv.")
+    return lines
 
 
 def draw_heatmap(results: list[DirectionScores], metric: str, path: Path) -> None:
