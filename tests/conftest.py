@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch as _torch
@@ -141,9 +143,66 @@ def small_shards(tmp_path_factory) -> Path:
 
 
 needs_espeak = pytest.mark.skipif(
-    __import__("shutil").which("espeak-ng") is None,
+    shutil.which("espeak-ng") is None,
     reason="espeak-ng (Debian package) is not installed; .ci/run installs it",
 )
+
+
+def synthesize(jobs: list[tuple[str, str, Path]]) -> None:
+    """espeak-ng speaks each (voice, text, wav path), two at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(job):
+        voice, text, path = job
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(run, jobs))
+
+
+TALK_PAUSES = (1.5, 0.3, 0.8, 1.5)
+"""Between the five English sentences of ``recordings``: 0.3 s joins two into one segment, the others split."""
+
+
+@pytest.fixture(scope="session")
+def recordings(tmp_path_factory):
+    """Five English sentences with known pauses between them (TALK_TALK_PAUSES), as a 16 kHz WAV in one folder;
+    in another, the same talk at 22.05 kHz, backwards in stereo FLAC at 44.1 kHz, a silent file and
+    a corrupt one."""
+    import numpy as np
+    import soundfile
+
+    from mcat_ds.data.audio import SAMPLE_RATE
+    from mcat_ds.data.demo import VOICES, demo_sentences
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    soxr = pytest.importorskip("soxr")
+    root = tmp_path_factory.mktemp("audio")
+    texts = [sentence.texts["eng"] for sentence in demo_sentences()[:len(TALK_PAUSES) + 1]]
+    jobs = [(VOICES["eng"], text, root / f"s{index}.wav") for index, text in enumerate(texts)]
+    synthesize(jobs)
+    pieces, rate = [], None
+    for index, (_, _, path) in enumerate(jobs):
+        samples, rate = soundfile.read(path, dtype="float32")
+        loud = np.flatnonzero(np.abs(samples) > 1e-3)
+        pieces += [np.zeros(round((TALK_PAUSES[index - 1] if index else 1.0) * rate), np.float32),
+                   samples[loud[0]:loud[-1] + 1]]
+        path.unlink()
+    talk = np.concatenate(pieces + [np.zeros(rate, np.float32)])
+    single = root / "single"
+    folder = root / "folder"
+    single.mkdir()
+    folder.mkdir()
+    soundfile.write(single / "talk.wav", soxr.resample(talk, rate, SAMPLE_RATE, quality="VHQ"), SAMPLE_RATE,
+                    subtype="PCM_16")
+    stereo = soxr.resample(talk[::-1].copy(), rate, 44100, quality="VHQ")  # another order of pauses
+    soundfile.write(folder / "backwards.flac", np.stack([stereo, 0.5 * stereo], axis=1), 44100)
+    soundfile.write(folder / "talk22k.wav", soxr.resample(talk, rate, 22050, quality="VHQ"), 22050)
+    hiss = np.random.default_rng(0).standard_normal(4 * SAMPLE_RATE).astype(np.float32) * 1e-4
+    soundfile.write(folder / "silent.wav", hiss, SAMPLE_RATE)
+    (folder / "corrupt.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    return single, folder
 
 
 @pytest.fixture(scope="session")

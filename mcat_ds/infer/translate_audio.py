@@ -11,10 +11,14 @@ target, requests batched by prompt length, any engine). Per recording, in ``--ou
                                          last: its presence marks the recording done
     summary.json                         the last run: files (recordings it decoded), audio_seconds,
                                          segments, seconds (wall), real_time_factor (audio / wall),
-                                         flags (counts), skipped (file -> why), decoded, already_done
+                                         flags (counts), skipped (file -> why), decoded, already_done,
+                                         outputs_resumed (chunk outputs a killed run had decoded)
     translate_audio.identity.json        what made the outputs (a rerun with other settings is refused)
 
-A rerun skips the recordings whose ``<name>.json`` is there and decodes the rest. A recording without
+A rerun skips the recordings whose ``<name>.json`` is there and decodes the rest, taking the chunks a
+killed run decoded from ``--out/.work/decoded.part<RANK>`` (written as each batch finishes, so a kill
+loses at most that batch). Under torchrun (or srun) each rank takes recordings, longest first to
+the rank with the least audio; rank 0 writes the summary. A recording without
 speech gets empty subtitle files and the flag ``silent``; one that cannot be read is skipped and named.
 With ``--engine vllm`` an MCAT checkpoint is exported once to ``--export-dir`` (default
 ``OUT/.vllm.export``).
@@ -47,6 +51,9 @@ IDENTITY_FILE = "translate_audio.identity.json"
 IDENTITY_FORMAT = "mcat-translate-audio-outputs"
 SUMMARY_FILE = "summary.json"
 WORK_DIR = ".work"
+DECODED = "decoded"
+"""In WORK_DIR: ``decoded.part<RANK>``, each rank's decoded chunks as its batches finish (what a
+rerun after a kill takes instead of decoding again)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Recording:
     chunks: tuple[Chunk, ...] = ()
     offsets: tuple[int, ...] = ()
     """Where each chunk's samples start in the recording's work file."""
+    stamp: str = ""
     samples: np.ndarray | None = None
     outputs: dict[tuple[int, str | None], str] = field(default_factory=dict)
     """(chunk, target or None for ASR) -> decoded text."""
@@ -195,18 +203,52 @@ def _segment(recording: Recording, window_seconds: float, min_silence: float, wo
         recording.samples = np.memmap(work_file, np.float32, mode="r", shape=(position,))
 
 
+def _share(recordings: list[Recording], rank: int, world_size: int) -> list[Recording]:
+    """This rank's recordings: longest first, each to the rank with the least audio so far (lengths
+    from the headers; an unreadable file counts as empty and is skipped by the rank it falls to)."""
+    if world_size == 1:
+        return recordings
+    from mcat_ds.data.stream import audio_info
+
+    def seconds(recording: Recording) -> float:
+        try:
+            return audio_info(recording.path).seconds
+        except (AudioError, OSError):
+            return 0.0
+
+    loads, mine = [0.0] * world_size, []
+    for length, recording in sorted(((seconds(r), r) for r in recordings), key=lambda pair: -pair[0]):
+        least = loads.index(min(loads))
+        loads[least] += length
+        if least == rank:
+            mine.append(recording)
+    return mine
+
+
+def _stamp(path: Path) -> str:
+    """Which version of a file a decoded chunk came from: a recording replaced under the same name
+    between a killed run and its rerun is decoded again."""
+    status = path.stat()
+    return f"{status.st_size}:{status.st_mtime_ns}"
+
+
 def run_translate_audio(options: TranslateAudioOptions) -> int:
     """``mcat translate-audio``: see the module docstring. Returns the exit code."""
+    from mcat_ds.infer.outputs import part_paths, read_records
+    from mcat_ds.infer.translate_command import (
+        TORCH_DTYPES,
+        decoding_device,
+        generation_settings,
+        join_ranks,
+        process_rank,
+    )
+
     started = time.perf_counter()
-    targets, paths = check_options(options)
+    rank, world_size = process_rank(options.engine, options.tensor_parallel)
+    targets, paths = check_options(options)  # every rank, before any waits or loads
     out = Path(options.out)
     skipped: dict[str, str] = {}
     recordings = _names(paths, skipped)
-
-    import torch
-
-    from mcat_ds.infer.translate_command import TORCH_DTYPES, generation_settings
-
     generation = generation_settings(options.checkpoint)
     config = TranslateConfig(
         task=options.task, batch=options.batch or DEFAULT_BATCH[options.engine],
@@ -214,87 +256,147 @@ def run_translate_audio(options: TranslateAudioOptions) -> int:
         no_repeat_ngram_size=(generation.no_repeat_ngram_size if options.no_repeat_ngram_size is None
                               else options.no_repeat_ngram_size),
         engine=options.engine)
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    barrier = join_ranks(config.engine, rank, world_size, _say)
+    device = decoding_device(options.device, config.engine)
     dtype_name = TORCH_DTYPES[options.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     identity = _identity(options, targets, config, dtype_name)
-    check_identity(out, identity)
-    write_atomically(out / IDENTITY_FILE, json.dumps(identity, indent=1, ensure_ascii=False) + "\n")
-
+    check_identity(out, identity)  # every rank: all refuse or none
+    work = out / WORK_DIR
     done = [r.name for r in recordings if (out / f"{r.name}.json").is_file()]
     todo = [r for r in recordings if r.name not in done]
+    decoded = read_records(part_paths(work / DECODED), warn=_say if rank == 0 else None)
+    if barrier is not None:
+        barrier()  # every rank has read what a killed run decoded before any rank writes
+    if rank == 0:
+        write_atomically(out / IDENTITY_FILE, json.dumps(identity, indent=1, ensure_ascii=False) + "\n")
     summary = {"files": 0, "audio_seconds": 0.0, "segments": 0, "seconds": 0.0, "real_time_factor": 0.0,
-               "flags": {}, "skipped": skipped, "decoded": [], "already_done": done}
+               "flags": {}, "skipped": skipped if rank == 0 else {}, "decoded": [], "already_done": done,
+               "outputs_resumed": 0}
     if todo:
-        speech_side, engine, hf_tokenizer = _load(options, config, device, dtype_name)
-        work = out / WORK_DIR
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
-            _translate(speech_side, engine, hf_tokenizer, todo, targets, options, config, work, summary)
-        finally:
-            for recording in todo:
-                recording.samples = None  # the memmaps close before their files go
-            shutil.rmtree(work, ignore_errors=True)
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    summary["real_time_factor"] = round(summary["audio_seconds"] / summary["seconds"], 3) if summary["seconds"] else 0.0
-    write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-    print(f"mcat translate-audio: {summary['files']} recordings ({summary['audio_seconds']:.1f} s of audio, "
-          f"{summary['segments']} segments) in {summary['seconds']:.1f} s; {len(done)} already done; "
-          f"{len(skipped)} skipped -> {out}")
+        work.mkdir(exist_ok=True)
+        model_path = _model_path(options, dtype_name, rank, barrier)
+        mine = _share(todo, rank, world_size)
+        if mine:
+            from mcat_ds.infer.translate_command import load_decoder
+
+            speech_side, engine, hf_tokenizer = load_decoder(
+                model_path, config, device, dtype_name, tensor_parallel=options.tensor_parallel,
+                max_model_len=options.max_model_len, gpu_memory_utilization=options.gpu_memory_utilization)
+            _translate(speech_side, engine, hf_tokenizer, mine, targets, options, config, work, rank, decoded,
+                       summary)
+    if barrier is not None:
+        summary = _gather_summaries(summary, work, rank, world_size, barrier)
+    if rank == 0:
+        shutil.rmtree(work, ignore_errors=True)  # every recording is written: nothing left to resume
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        summary["real_time_factor"] = (round(summary["audio_seconds"] / summary["seconds"], 3) if summary["seconds"]
+                                       else 0.0)
+        write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        print(f"mcat translate-audio: {summary['files']} recordings ({summary['audio_seconds']:.1f} s of audio, "
+              f"{summary['segments']} segments) in {summary['seconds']:.1f} s; {len(done)} already done; "
+              f"{len(summary['skipped'])} skipped -> {out}")
     return 0
 
 
-def _load(options: TranslateAudioOptions, config: TranslateConfig, device, dtype_name: str):
-    """The speech side, the engine and the tokenizer, as ``mcat translate`` loads them."""
-    from mcat_ds.infer.translate_command import TranslateJob, load_decoder, vllm_export
+def _gather_summaries(summary: dict, work: Path, rank: int, world_size: int, barrier) -> dict:
+    """Every rank's counts, summed by rank 0 (through files in the work folder: the ranks share a
+    file system and a barrier, nothing else)."""
+    work.mkdir(parents=True, exist_ok=True)
+    write_atomically(work / f"summary.rank{rank}.json", json.dumps(summary, ensure_ascii=False))
+    barrier()
+    if rank:
+        return summary
+    total = dict(summary, files=0, audio_seconds=0.0, segments=0, flags={}, decoded=[], skipped={}, outputs_resumed=0)
+    for other in range(world_size):
+        part = json.loads((work / f"summary.rank{other}.json").read_text(encoding="utf-8"))
+        total["files"] += part["files"]
+        total["audio_seconds"] = round(total["audio_seconds"] + part["audio_seconds"], 3)
+        total["segments"] += part["segments"]
+        total["outputs_resumed"] += part["outputs_resumed"]
+        total["decoded"] += part["decoded"]
+        total["skipped"].update(part["skipped"])
+        for flag, count in part["flags"].items():
+            total["flags"][flag] = total["flags"].get(flag, 0) + count
+    total["decoded"].sort()
+    return total
 
-    model_path = options.checkpoint
-    if config.engine == "vllm":
-        job = TranslateJob(checkpoint=options.checkpoint, data="", out=str(Path(options.out) / ".vllm"),
-                           export_dir=options.export_dir)
-        model_path = vllm_export(job, dtype_name, 0, None)
-    return load_decoder(model_path, config, device, dtype_name, tensor_parallel=options.tensor_parallel,
-                        max_model_len=options.max_model_len, gpu_memory_utilization=options.gpu_memory_utilization)
+
+def _model_path(options: TranslateAudioOptions, dtype_name: str, rank: int, barrier) -> str:
+    """The checkpoint, or with ``--engine vllm`` its export (made once, by rank 0)."""
+    if options.engine != "vllm":
+        return options.checkpoint
+    from mcat_ds.infer.translate_command import TranslateJob, vllm_export
+
+    job = TranslateJob(checkpoint=options.checkpoint, data="", out=str(Path(options.out) / ".vllm"),
+                       export_dir=options.export_dir)
+    return vllm_export(job, dtype_name, rank, barrier)
 
 
-def _translate(speech_side, engine, hf_tokenizer, todo: list[Recording], targets: list[str],
-               options: TranslateAudioOptions, config: TranslateConfig, work: Path, summary: dict) -> None:
+def _translate(speech_side, engine, hf_tokenizer, mine: list[Recording], targets: list[str],
+               options: TranslateAudioOptions, config: TranslateConfig, work: Path, rank: int,
+               decoded: dict[str, dict], summary: dict) -> None:
+    """This rank's recordings: segmented, decoded (what a killed run decoded is taken from its part
+    files), written."""
     import torch
 
+    from mcat_ds.files import naming
     from mcat_ds.infer.decoding import DecodeCounters
+    from mcat_ds.infer.outputs import appending, part_path
     from mcat_ds.infer.translate import TranslateSummary, Utterances, decode_utterances, speech_window
 
     window = speech_window(speech_side)
     segmented = []
-    for number, recording in enumerate(todo):
+    try:
+        for number, recording in enumerate(mine):
+            try:
+                recording.stamp = _stamp(recording.path)
+                _segment(recording, window.seconds, options.min_silence, work / f"samples.rank{rank}.{number}.f32")
+            except (AudioError, OSError) as error:
+                summary["skipped"][str(recording.path)] = str(error)
+                continue
+            segmented.append(recording)
+        # every chunk of every recording: (recording, chunk index)
+        chunks = [(recording, index) for recording in segmented for index in range(len(recording.chunks))]
+        pending: dict[int, list[Request]] = defaultdict(list)
+        for entry, (recording, index) in enumerate(chunks):
+            for position, tgt in enumerate(targets or [None]):
+                key = json.dumps([recording.name, index, tgt])
+                earlier = decoded.get(key)
+                if earlier is not None and earlier.get("stamp") == recording.stamp and isinstance(earlier.get("text"), str):
+                    recording.outputs[index, tgt] = earlier["text"]
+                    summary["outputs_resumed"] += 1
+                else:
+                    pending[entry].append(Request(entry * len(targets or [None]) + position, key, entry,
+                                                  options.source, tgt))
+
+        def load(entry: int) -> np.ndarray:
+            recording, index = chunks[entry]
+            samples = recording.samples[recording.offsets[index]:recording.offsets[index + 1]]
+            return np.array(samples[:window.samples])  # rounding may add a sample past the window
+
+        part_file = part_path(work / DECODED, rank)
         try:
-            _segment(recording, window.seconds, options.min_silence, work / f"{number}.f32")
-        except (AudioError, OSError) as error:
-            summary["skipped"][str(recording.path)] = str(error)
-            continue
-        segmented.append(recording)
-    # every chunk of every recording: (recording, chunk index)
-    chunks = [(recording, index) for recording in segmented for index in range(len(recording.chunks))]
-    pending: dict[int, list[Request]] = defaultdict(list)
-    for entry, (recording, index) in enumerate(chunks):
-        for position, tgt in enumerate(targets or [None]):
-            key = f"{recording.name}:{index}" + (f":{tgt}" if tgt else "")
-            pending[entry].append(Request(entry * len(targets or [None]) + position, key, entry, options.source, tgt))
+            with appending(part_file) as part:
+                def write(outputs: list[tuple[Request, str]]) -> None:
+                    for request, text in outputs:
+                        recording, index = chunks[request.entry]
+                        recording.outputs[index, request.tgt] = text
+                        part.write(json.dumps({"id": request.id, "stamp": recording.stamp, "text": text},
+                                              ensure_ascii=False) + "\n")
+                    part.flush()  # a kill loses at most the batch being decoded
 
-    def load(entry: int) -> np.ndarray:
-        recording, index = chunks[entry]
-        samples = recording.samples[recording.offsets[index]:recording.offsets[index + 1]]
-        return np.array(samples[:window.samples])  # rounding may add a sample past the window
-
-    def write(outputs: list[tuple[Request, str]]) -> None:
-        for request, text in outputs:
-            recording, index = chunks[request.entry]
-            recording.outputs[index, request.tgt] = text
-
-    utterances = Utterances(seconds=lambda entry: chunks[entry][0].chunks[chunks[entry][1]].seconds, load=load)
-    with torch.no_grad():
-        decode_utterances(speech_side, engine, hf_tokenizer, utterances, pending, config, TranslateSummary(),
-                          DecodeCounters(), write)
+                utterances = Utterances(seconds=lambda entry: chunks[entry][0].chunks[chunks[entry][1]].seconds,
+                                        load=load)
+                with torch.no_grad():
+                    decode_utterances(speech_side, engine, hf_tokenizer, utterances, pending, config,
+                                      TranslateSummary(), DecodeCounters(), write)
+        except OSError as error:  # the part file (a full disk): audio was read before
+            raise naming(error, part_file) from None
+    finally:
+        for recording in mine:
+            recording.samples = None  # the memmaps close before their files go
+        for samples_file in work.glob(f"samples.rank{rank}.*.f32"):
+            samples_file.unlink()
     languages = {options.source, *targets}
     for recording in segmented:
         flags = _write_recording(recording, options, targets, Path(options.out), languages)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -220,18 +221,50 @@ def _translate_config(job: TranslateJob, generation: GenerationConfig) -> Transl
     return config
 
 
-def run_translate_job(job: TranslateJob) -> int:
-    """``mcat translate``: see the module docstring. Returns the exit code."""
-    from mcat_ds.rendezvous import prepare_rendezvous, rank_gpus, rendezvous_environment
+def process_rank(engine: EngineName, tensor_parallel: int) -> tuple[int, int]:
+    """(rank, world size) of this decoding process: torchrun, deepspeed or srun set them; one
+    process alone is rank 0 of 1. A vLLM rank is shown only its own GPUs, so this runs before the
+    first CUDA call (importing torch does not make one)."""
+    from mcat_ds.rendezvous import rank_gpus, rendezvous_environment
 
     world = {**os.environ, **rendezvous_environment(dict(os.environ))}
     rank, world_size = int(world["RANK"]), int(world["WORLD_SIZE"])
-    if job.engine == "vllm" and world_size > 1:
-        # each rank's engine sees only its own GPUs; set before the first CUDA call (importing torch
-        # does not make one)
+    if engine == "vllm" and world_size > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = rank_gpus(world, int(world.get("LOCAL_RANK", 0)),
-                                                       int(world.get("LOCAL_WORLD_SIZE", 1)), job.tensor_parallel)
+                                                       int(world.get("LOCAL_WORLD_SIZE", 1)), tensor_parallel)
+    return rank, world_size
+
+
+def join_ranks(engine: EngineName, rank: int, world_size: int, say: Callable[[str], None]
+               ) -> Callable[[], None] | None:
+    """The barrier of the decoding ranks' process group (None for one process)."""
+    if world_size == 1:
+        return None
     import torch
+    import torch.distributed as dist
+
+    from mcat_ds.rendezvous import prepare_rendezvous
+
+    chosen = prepare_rendezvous(os.environ)
+    if rank == 0:
+        say(chosen)
+    # vLLM's workers own the GPUs; the ranks only need a barrier
+    backend = "nccl" if torch.cuda.is_available() and engine != "vllm" else "gloo"
+    dist.init_process_group(backend, timeout=RANK_TIMEOUT)
+    return dist.barrier
+
+
+def decoding_device(requested: str | None, engine: EngineName):
+    """``--device``, else this rank's GPU (vLLM: the first it is shown), else the CPU."""
+    import torch
+
+    local = 0 if engine == "vllm" else int(os.environ.get("LOCAL_RANK", 0))  # vLLM: GPUs pinned by process_rank
+    return torch.device(requested or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+
+
+def run_translate_job(job: TranslateJob) -> int:
+    """``mcat translate``: see the module docstring. Returns the exit code."""
+    rank, world_size = process_rank(job.engine, job.tensor_parallel)
 
     from mcat_ds.data.shards import load_index
     from mcat_ds.infer.translate import output_order
@@ -239,17 +272,8 @@ def run_translate_job(job: TranslateJob) -> int:
     config = _translate_config(job, generation_settings(job.checkpoint))
     translate_data(job, prepare=False)  # every rank checks the arguments before anyone waits
     out = Path(job.out)
-    barrier = None
-    if world_size > 1:  # torchrun, deepspeed or srun (launch/slurm/translate.sbatch): one process per GPU
-        import torch.distributed as dist
-
-        chosen = prepare_rendezvous(os.environ)
-        if rank == 0:
-            _say(chosen)
-        # vLLM's workers own the GPUs; the ranks only need a barrier
-        backend = "nccl" if torch.cuda.is_available() and config.engine != "vllm" else "gloo"
-        dist.init_process_group(backend, timeout=RANK_TIMEOUT)
-        barrier = dist.barrier
+    # torchrun, deepspeed or srun (launch/slurm/translate.sbatch): one process per GPU
+    barrier = join_ranks(config.engine, rank, world_size, _say)
     data = translate_data(job, prepare=rank == 0)
     if barrier is not None:
         barrier()  # rank 0 has sharded a manifest
@@ -258,8 +282,7 @@ def run_translate_job(job: TranslateJob) -> int:
     if not requests:
         raise ValueError(f"no {job.task} requests in {data} for --directions {job.directions}")
 
-    local = 0 if config.engine == "vllm" else int(os.environ.get("LOCAL_RANK", 0))  # vLLM: GPUs pinned above
-    device = torch.device(job.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    device = decoding_device(job.device, config.engine)
     dtype_name = TORCH_DTYPES[job.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     identity = OutputIdentity(
         checkpoint=str(Path(job.checkpoint).resolve()), model=model_fingerprint(job.checkpoint), dtype=dtype_name,
