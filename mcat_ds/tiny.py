@@ -107,3 +107,20 @@ def write_tiny_multimodal_gemma3(directory: Path, texts: Iterable[str], seed: in
     transformers.Gemma3ForConditionalGeneration(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_random_checkpoint(root: Path) -> Path:
+    """An MCAT checkpoint of the tiny preset over a tiny Whisper and Gemma-2 in ``root`` (random
+    weights, seed 0; the tokenizer trained on the demo sentences, so that it writes non-ASCII text):
+    what the fault campaign and the long-recording benchmark decode with."""
+    from mcat_ds.build import build_model
+    from mcat_ds.checkpoint import save_checkpoint
+    from mcat_ds.data.demo import demo_texts
+    from mcat_ds.presets import get_preset
+
+    config = get_preset("tiny")
+    config.model.encoder.checkpoint = str(write_tiny_whisper(root / "whisper"))
+    config.model.llm.checkpoint = str(write_tiny_llm(root / "gemma2", demo_texts(), architecture="tiny-gemma2"))
+    torch.manual_seed(0)
+    model, tokenizer = build_model(config)
+    return save_checkpoint(model, tokenizer, config, root / "checkpoint")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import torch as _torch
@@ -148,18 +147,6 @@ needs_espeak = pytest.mark.skipif(
 )
 
 
-def synthesize(jobs: list[tuple[str, str, Path]]) -> None:
-    """espeak-ng speaks each (voice, text, wav path), two at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def run(job):
-        voice, text, path = job
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True, timeout=60)
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(run, jobs))
-
-
 TALK_PAUSES = (1.5, 0.3, 0.8, 1.5)
 """Between the five English sentences of ``recordings``: 0.3 s joins two into one segment, the others split."""
 
@@ -173,7 +160,7 @@ def recordings(tmp_path_factory):
     import soundfile
 
     from mcat_ds.data.audio import SAMPLE_RATE
-    from mcat_ds.data.demo import VOICES, demo_sentences
+    from mcat_ds.data.demo import VOICES, demo_sentences, speak
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
@@ -181,7 +168,7 @@ def recordings(tmp_path_factory):
     root = tmp_path_factory.mktemp("audio")
     texts = [sentence.texts["eng"] for sentence in demo_sentences()[:len(TALK_PAUSES) + 1]]
     jobs = [(VOICES["eng"], text, root / f"s{index}.wav") for index, text in enumerate(texts)]
-    synthesize(jobs)
+    speak(jobs, threads=2)
     pieces, rate = [], None
     for index, (_, _, path) in enumerate(jobs):
         samples, rate = soundfile.read(path, dtype="float32")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, needs_espeak
 from mcat_ds.bench.harness import read_rows
 
 
@@ -67,3 +67,15 @@ def test_bench_train_smoke_same_loss_less_padding_fewer_logits(tmp_path):
     for variant in (naive, ours):
         assert values[(variant, "samples_per_s")] > 0 and values[(variant, "peak_memory_gib")] > 0
         assert (variant, "ms_per_llm_layer") in values and (variant, "samples_per_s_at_2_layers") in values
+
+
+@needs_espeak
+def test_bench_longform_smoke_rows_carry_the_batched_ratio(tmp_path):
+    table = tmp_path / "longform.csv"
+    run_script("bench_longform.py", "--smoke", "--csv", str(table))
+    rows = {row["implementation"]: row for row in read_rows(table)}
+    assert set(rows) == {"batched", "one window at a time"}
+    batched, sequential = rows["batched"], rows["one window at a time"]
+    assert batched["shape"] == sequential["shape"] and "segments" in batched["shape"]
+    assert float(sequential["ratio"]) == 1.0
+    assert float(batched["ratio"]) == pytest.approx(float(batched["value"]) / float(sequential["value"]), rel=1e-2)

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from mcat_ds.bench import faults
+from mcat_ds.data.demo import demo_texts
+from mcat_ds.tiny import write_random_checkpoint
 from mcat_ds.train.state import (
     COMPLETE_FILE,
     STATE_FILE,
@@ -62,7 +64,7 @@ def translating(work, environment):
     """Translate (SRT, batches of 2) over 16 utterances whose references and outputs hold non-ASCII text."""
     inputs = work / "translate-inputs"
     shards = faults.write_shards(faults.write_parallel_fleurs(inputs / "fleurs", sentences=4), inputs / "shards")
-    checkpoint = faults.write_translate_checkpoint(inputs / "models")
+    checkpoint = write_random_checkpoint(inputs / "models")
     target = faults.translate_target(checkpoint, shards, batch=2, max_new_tokens=12)
     return target, *reference_run(target, work, environment)
 
@@ -102,7 +104,7 @@ def test_evaluate_killed_at_random_moments_writes_the_same_tables(work, environm
     pytest.importorskip("comet", reason="unbabel-comet is the [comet] extra")
     from tiny_comet import write_tiny_comet
 
-    comet = write_tiny_comet(work / "comet", faults.demo_texts())
+    comet = write_tiny_comet(work / "comet", demo_texts())
     target = faults.evaluate_target(faults.write_evaluation_hyps(work / "hyps.jsonl"), comet)
     run_campaign("evaluate", (target, *reference_run(target, work, environment)), work, environment, campaigns)
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import synthesize
 
 from mcat_ds.data.audio import SAMPLE_RATE, decode_audio
-from mcat_ds.data.demo import VOICES, demo_sentences
+from mcat_ds.data.demo import VOICES, demo_sentences, speak
 from mcat_ds.infer.segment import (
     CONTEXT,
     MIN_SILENCE,
@@ -158,7 +157,7 @@ def recordings(tmp_path_factory) -> Recordings:
         # three sentences joined by short pauses outgrow a 5 s window only if they are long ones
         choices = sorted(corpus, key=lambda sentence: -len(sentence.texts[code]))[:10] if index in in_long_runs else corpus
         jobs.append((VOICES[code], rng.choice(choices).texts[code], root / f"sentence{index}.wav"))
-    synthesize(jobs)
+    speak(jobs, threads=2)
     clips, rate = [], None
     for _, _, path in jobs:
         samples, rate = soundfile.read(path, dtype="float32")

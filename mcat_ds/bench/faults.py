@@ -402,30 +402,6 @@ def write_shards(fleurs: Path, out: Path) -> Path:
     return out
 
 
-def demo_texts() -> list[str]:
-    from mcat_ds.data.demo import demo_sentences
-
-    return [text for sentence in demo_sentences() for text in sentence.texts.values()]
-
-
-def write_translate_checkpoint(root: Path) -> Path:
-    """An MCAT checkpoint of the tiny preset over a tiny Whisper and Gemma-2 (random weights, its
-    tokenizer trained on the demo sentences, so that it writes non-ASCII text) in ``root``."""
-    import torch
-
-    from mcat_ds.build import build_model
-    from mcat_ds.checkpoint import save_checkpoint
-    from mcat_ds.presets import get_preset
-    from mcat_ds.tiny import write_tiny_llm, write_tiny_whisper
-
-    config = get_preset("tiny")
-    config.model.encoder.checkpoint = str(write_tiny_whisper(root / "whisper"))
-    config.model.llm.checkpoint = str(write_tiny_llm(root / "gemma2", demo_texts(), architecture="tiny-gemma2"))
-    torch.manual_seed(0)
-    model, tokenizer = build_model(config)
-    return save_checkpoint(model, tokenizer, config, root / "checkpoint")
-
-
 def write_evaluation_hyps(path: Path, languages: tuple[str, ...] = FLEURS_LANGUAGES, sentences: int = 6) -> Path:
     """A translate JSONL of every direction among ``languages``: each hypothesis its reference less a
     word, so that the scores vary."""
@@ -461,12 +437,14 @@ def _targets(commands: list[str], inputs: Path, sentences: int, comet_model: Pat
     """The targets asked for, their inputs written under ``inputs`` as needed."""
     fleurs = write_parallel_fleurs(inputs / "fleurs", sentences)
     shards = write_shards(fleurs, inputs / "shards") if {"training", "translate"} & set(commands) else None
+    from mcat_ds.tiny import write_random_checkpoint
+
     targets = {}
     for name in commands:
         if name == "training":
             targets[name] = training_target(shards)
         elif name == "translate":
-            targets[name] = translate_target(write_translate_checkpoint(inputs / "models"), shards)
+            targets[name] = translate_target(write_random_checkpoint(inputs / "models"), shards)
         elif name == "prepare":
             targets[name] = prepare_target(fleurs)
         else:

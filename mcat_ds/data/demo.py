@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -44,6 +45,11 @@ def demo_sentences() -> list[DemoSentence]:
     return [DemoSentence(row.pop("id"), row) for row in rows]
 
 
+def demo_texts() -> list[str]:
+    """Every sentence of the corpus in every language: what tiny tokenizers are trained on."""
+    return [text for sentence in demo_sentences() for text in sentence.texts.values()]
+
+
 def espeak_binary() -> str:
     binary = shutil.which("espeak-ng")
     if binary is None:
@@ -54,15 +60,21 @@ def espeak_binary() -> str:
     return binary
 
 
-def _synthesize(job: tuple[str, str, str, Path]) -> None:
-    binary, voice, text, path = job
-    # Arguments go to espeak-ng as a list: no shell, and the texts are the corpus's own.
-    subprocess.run([binary, "-v", voice, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+def speak(jobs: Iterable[tuple[str, str, Path]], threads: int = 4) -> None:
+    """espeak-ng says each (voice, text) into its wav file (22.05 kHz), ``threads`` at a time."""
+    binary = espeak_binary()
+
+    def run(job: tuple[str, str, Path]) -> None:
+        voice, text, path = job
+        # arguments go to espeak-ng as a list: no shell
+        subprocess.run([binary, "-v", voice, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, jobs))
 
 
 def write_demo_fleurs(root: Path, threads: int = 4) -> Path:
     """Write ``root/<locale>/{train,dev}.tsv`` and the wav files they name."""
-    binary = espeak_binary()
     sentences = demo_sentences()
     splits = {"train": (sentences, ""), "dev": (sentences[:DEV_SENTENCES], DEV_VOICE_VARIANT)}
     jobs = []
@@ -75,14 +87,13 @@ def write_demo_fleurs(root: Path, threads: int = 4) -> Path:
             for sentence in chosen:
                 file_name = f"{sentence.id}_{split}.wav"
                 text = sentence.texts[code]
-                jobs.append((binary, voice + variant, text, audio_dir / file_name))
+                jobs.append((voice + variant, text, audio_dir / file_name))
                 # FLEURS columns: id, file, raw and normalized transcription, characters, samples, gender
                 rows.append([sentence.id, file_name, text, text.lower(), "|".join(text.lower().replace(" ", "|")),
                              "0", "MALE" if not variant else "FEMALE"])
             with open(root / locale / f"{split}.tsv", "w", encoding="utf-8", newline="") as handle:
                 csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\").writerows(rows)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(_synthesize, jobs))
+    speak(jobs, threads)
     return root
 
 
