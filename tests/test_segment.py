@@ -37,12 +37,14 @@ def test_pauses_of_min_silence_split_shorter_ones_join():
 
 
 def test_context_before_and_after_inside_the_file():
-    before, after = CONTEXT
-    chunks = plan_chunks([(0.05, 1.0), (3.0, 4.0)], window_seconds=5, duration=4.2)
+    before, after = 0.1, 0.3
+    chunks = plan_chunks([(0.05, 1.0), (3.0, 4.0)], window_seconds=5, duration=4.2, context=(before, after))
     assert chunks[0].audio_start == 0.0  # no audio before the file
     assert chunks[0].audio_end == pytest.approx(1.0 + after)
     assert chunks[1].audio_start == pytest.approx(3.0 - before)
     assert chunks[1].audio_end == pytest.approx(4.2)  # nor after it
+    default = plan_chunks([(3.0, 4.0)], window_seconds=5)
+    assert (default[0].audio_start, default[0].audio_end) == pytest.approx((3.0 - CONTEXT[0], 4.0 + CONTEXT[1]))
     unbounded = plan_chunks([(3.0, 4.0)], window_seconds=5, context=0.25)
     assert (unbounded[0].audio_start, unbounded[0].audio_end) == (2.75, 4.25)
 
