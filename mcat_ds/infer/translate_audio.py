@@ -76,8 +76,8 @@ class TranslateAudioOptions:
     dtype: str | None = None
     export_dir: str | None = None
     tensor_parallel: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int = 2048
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
 
 
 @dataclass

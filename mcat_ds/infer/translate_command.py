@@ -63,8 +63,10 @@ class TranslateJob:
     engine: EngineName = "fast"
     export_dir: str | None = None
     tensor_parallel: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int = 2048
+    gpu_memory_utilization: float | None = None
+    """vllm; None: chosen for the machine (mcat_ds.infer.vllm_settings)."""
+    max_model_len: int | None = None
+    """vllm; None: what MCAT's requests need, at most what the model allows."""
     device: str | None = None
     dtype: str | None = None
     encoder_checkpoint: str | None = None
@@ -173,7 +175,7 @@ def vllm_export(job: TranslateJob, dtype: str, rank: int, barrier) -> str:
 
 
 def load_decoder(model_path: str, config: TranslateConfig, device, dtype_name: str, *, tensor_parallel: int = 1,
-                 max_model_len: int = 2048, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
                  encoder_checkpoint: str | None = None, llm_checkpoint: str | None = None):
     """(speech side, engine, tokenizer) for ``config.engine``: an MCAT checkpoint's model for the
     fast and hf engines, an export (``vllm_export``) for vLLM."""

