@@ -4,6 +4,15 @@
                    embedding, and the tokenizer with the tags: AutoModelForCausalLM.from_pretrained
                    loads it (for gemma-3-27b-it a text-only Gemma3ForCausalLM, no vision tower)
     DIR/speech/    encoder/ (the Whisper encoder, save_pretrained), adapter.safetensors, speech.json
+    DIR/           config.json, generation_config.json and the tokenizer: what vLLM reads to serve
+                   the export as one native audio-in model (``mcat_ds.infer.vllm_model``)
+
+vLLM loads ``DIR`` itself as an ``MCATForConditionalGeneration`` (``vllm.LLM(model=DIR)``, ``vllm
+serve DIR``): ``config.json`` is the LLM's config with that architecture and the speech side's facts
+under ``mcat_speech`` (:class:`NativeSpeechConfig`). The weights are not copied to the root, where
+vLLM looks by default: the model class points vLLM's loader at ``llm/`` and ``speech/`` (27B of
+weights exist once). ``generation_config.json`` names only the tokenizer's end-of-sequence, so vLLM
+stops where our engines stop and not at another id the base model's generation config lists.
 
 ``speech.json`` says how the speech rows join the prompt: the adapter's config, the number of speech
 tokens, the scale for transformers' ``inputs_embeds`` in this environment and the scale the first
@@ -20,7 +29,7 @@ import contextlib
 import fcntl
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +55,56 @@ ENCODER_DIR = "encoder"
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "mcat-export"
 FORMAT_VERSION = 1
+NATIVE_ARCHITECTURE = "MCATForConditionalGeneration"
+"""The architecture name the root ``config.json`` gives vLLM (registered by ``mcat_ds.infer.vllm_plugin``)."""
+NATIVE_LLM_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+"""vLLM classes the native model builds its LLM half with (the merged LLM's own architecture)."""
+NATIVE_CONFIG_KEY = "mcat_speech"
+"""The key of :class:`NativeSpeechConfig` in the root ``config.json``."""
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # what readers of speech.json look up; eos_token_id and checkpoint_fingerprint came later and may be absent
 DESCRIPTION_KEYS = ("exported_from", "dtype", "adapter", "encoder_width", "llm_width", "num_speech_tokens",
                     "mask_padding_frames", "speech_input_scale", "speech_first_layer_scale", "language_tags",
                     "language_tag_ids", "generation")
+
+
+@dataclass(frozen=True)
+class NativeSpeechConfig:
+    """What the native vLLM model needs beyond the LLM's own config, kept in the root ``config.json``
+    (vLLM hands a model its config, not the export's other files)."""
+
+    llm_architecture: str
+    """vLLM's class for the LLM half: ``Gemma2ForCausalLM`` or ``Gemma3ForCausalLM``."""
+    encoder: dict[str, Any]
+    """The Whisper encoder's config (``WhisperConfig.to_dict()``)."""
+    adapter: dict[str, Any]
+    encoder_width: int
+    llm_width: int
+    num_speech_tokens: int
+    mask_padding_frames: bool
+    speech_first_layer_scale: float
+    """vLLM multiplies token embeddings by Gemma's normaliser but merges speech rows as given, so
+    they must come at the scale the first decoder layer sees (as for ``--engine vllm``)."""
+    placeholder_token_id: int
+    """The id the speech positions carry (the pad id, as in training); vLLM overwrites their rows."""
+    languages: list[str]
+    """The ISO 639-3 codes the model has tags for."""
+    llm_weights: str = f"{LLM_DIR}/*.safetensors"
+    """Glob under the export root of the LLM's weights."""
+    encoder_weights: str = f"{SPEECH_DIR}/{ENCODER_DIR}"
+    """Folder under the export root of the encoder's safetensors."""
+    adapter_weights: str = f"{SPEECH_DIR}/{ADAPTER_FILE}"
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> NativeSpeechConfig:
+        facts = getattr(hf_config, NATIVE_CONFIG_KEY, None)
+        if not isinstance(facts, dict):
+            raise ValueError(f"the model's config.json has no {NATIVE_CONFIG_KEY!r}: not an mcat export's root")
+        names = {field.name for field in fields(cls)}
+        missing = sorted(name for name in names if name not in facts and getattr(cls, name, None) is None)
+        if missing:
+            raise ValueError(f"config.json: {NATIVE_CONFIG_KEY}: damaged, {', '.join(missing)} missing")
+        return cls(**{key: value for key, value in facts.items() if key in names})
 
 
 @contextlib.contextmanager
@@ -156,6 +210,38 @@ def _write_export(model, tokenizer, config, checkpoint, fingerprint: str, stagin
         "generation": asdict(config.generation),
     }
     (speech / SPEECH_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    _write_native_vllm_files(llm, tokenizer, model, description, staging)
+
+
+def _write_native_vllm_files(llm, tokenizer, model, description: dict[str, Any], staging: Path) -> None:
+    """The root files by which vLLM serves the export as one audio-in model (module docstring)."""
+    llm_architecture = llm.config.architectures[0]
+    if llm_architecture not in NATIVE_LLM_ARCHITECTURES:
+        # the rest of the export serves as before (--engine vllm, transformers)
+        print(f"mcat export: {llm_architecture} is not one the native vLLM model wraps "
+              f"({', '.join(NATIVE_LLM_ARCHITECTURES)}): no vLLM files at the export's root", file=sys.stderr)
+        return
+    native = NativeSpeechConfig(
+        llm_architecture=llm_architecture,
+        encoder=model.encoder.whisper.config.to_dict(),
+        adapter=description["adapter"],
+        encoder_width=description["encoder_width"],
+        llm_width=description["llm_width"],
+        num_speech_tokens=description["num_speech_tokens"],
+        mask_padding_frames=description["mask_padding_frames"],
+        speech_first_layer_scale=description["speech_first_layer_scale"],
+        placeholder_token_id=model.pad_token_id,
+        languages=list(description["language_tag_ids"]),
+    )
+    config = llm.config.to_dict()
+    config["architectures"] = [NATIVE_ARCHITECTURE]
+    config[NATIVE_CONFIG_KEY] = asdict(native)
+    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    eos = tokenizer.hf.eos_token_id
+    generation = {"bos_token_id": tokenizer.hf.bos_token_id, "eos_token_id": eos, "pad_token_id": model.pad_token_id,
+                  "max_new_tokens": description["generation"]["max_new_tokens"]}
+    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    tokenizer.hf.save_pretrained(staging)
 
 
 def read_export_description(directory: str | Path) -> dict[str, Any]:
