@@ -50,5 +50,9 @@ setup(
         # srt and webvtt-py: independent parsers that the subtitle tests check our files against
         "dev": ["pytest", "pytest-timeout", "srt", "webvtt-py"],
     },
-    entry_points={"console_scripts": ["mcat=mcat_ds.cli:main"]},
+    entry_points={
+        "console_scripts": ["mcat=mcat_ds.cli:main"],
+        # vLLM loads these in each of its processes: an mcat export then loads as a native audio-in model
+        "vllm.general_plugins": ["mcat = mcat_ds.infer.vllm_plugin:register"],
+    },
 )
