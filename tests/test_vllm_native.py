@@ -173,3 +173,23 @@ def test_transcription_prompts_are_mcats_from_iso_639_1_codes(native):
         prompt_ids(language="la")
     assert "ky" not in Model.supported_languages and Model.supported_languages["de"] == "German"
     assert stt_config.sample_rate == SAMPLE_RATE and not stt_config.allow_audio_chunking
+
+
+def test_text_prompts_and_a_later_call_with_the_same_audio(native, small_shards):
+    """A text prompt (vLLM tokenizes it with BOS) is the token prompt; audio sent again in a later
+    call finds its encoder output still cached (vLLM evicts only when it needs the space). The prompt
+    is shorter than one KV block (128 positions on CPU), so the prefix cache has nothing to give: the
+    encoder is skipped by the encoder cache alone."""
+    from vllm import SamplingParams
+
+    samples, source, targets = utterances(small_shards, 1)[0]
+    text = build_prompt("srt", source, targets[0])
+    ids = list(tokenize_example(native.tokenizer.hf, text).prompt_ids)
+    audio = {"audio": (samples, SAMPLE_RATE)}
+    sampling = SamplingParams(temperature=0.0, max_tokens=2, detokenize=False)
+    first = native.llm.generate([{"prompt_token_ids": ids, "multi_modal_data": audio}], sampling, use_tqdm=False)
+    encoded = native.encoded_audio_items()
+    second = native.llm.generate([{"prompt": text, "multi_modal_data": audio}], sampling, use_tqdm=False)
+    assert second[0].prompt_token_ids == first[0].prompt_token_ids
+    assert second[0].outputs[0].token_ids == first[0].outputs[0].token_ids
+    assert native.encoded_audio_items() == encoded
