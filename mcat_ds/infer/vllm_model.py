@@ -28,6 +28,7 @@ This module imports vLLM at load: vLLM imports it when it builds the model.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -73,9 +74,15 @@ MCAT_BY_WHISPER_CODE: dict[str, str] = {
 has no Whisper code and cannot be asked for by code."""
 
 
-def speech_window(speech: NativeSpeechConfig) -> FeatureWindow:
+def encoder_window(speech: NativeSpeechConfig) -> FeatureWindow:
     """The encoder's fixed input window (mel frames = 2 x max_source_positions)."""
     return FeatureWindow(speech.encoder["num_mel_bins"], 2 * speech.encoder["max_source_positions"])
+
+
+@lru_cache(maxsize=4)
+def log_mel_for(window: FeatureWindow) -> LogMelSpectrogram:
+    """One feature extractor per window: its mel filter bank is built once, not per request."""
+    return LogMelSpectrogram(window)
 
 
 def mcat_code(whisper_code: str, speech: NativeSpeechConfig, field: str) -> str:
@@ -124,7 +131,7 @@ class MCATDummyInputsBuilder(BaseDummyInputsBuilder[MCATProcessingInfo]):
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int],
                           mm_options: MultiModalDummyOptions) -> MultiModalDataDict:
-        return {"audio": self._get_dummy_audios(length=speech_window(self.info.speech).samples,
+        return {"audio": self._get_dummy_audios(length=encoder_window(self.info.speech).samples,
                                                 num_audios=mm_counts.get("audio", 0),
                                                 overrides=mm_options.get("audio"))}
 
@@ -133,12 +140,12 @@ class MCATMultiModalProcessor(BaseMultiModalProcessor[MCATProcessingInfo]):
     """Log-mel features by our own code (what training and ``mcat translate`` compute), no HF processor."""
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-        window = speech_window(self.info.speech)
+        window = encoder_window(self.info.speech)
         audios = hf_data.get("audios", hf_data.get("audio"))
         # longer audio is cut to the window, as mcat translate trims it
         waves = [np.asarray(audio, dtype=np.float32)[: window.samples] for audio in audios]
         waveforms, num_samples = pad_waveforms(waves, window)
-        features = LogMelSpectrogram(window)(waveforms, num_samples)
+        features = log_mel_for(window)(waveforms, num_samples)
         return BatchFeature({"input_features": features, "feature_lengths": feature_frames(num_samples)})
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
@@ -239,7 +246,7 @@ class MCATForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsTransc
     @classmethod
     def get_speech_to_text_config(cls, model_config: ModelConfig,
                                   task_type: Literal["transcribe", "translate"]) -> SpeechToTextConfig:
-        window = speech_window(NativeSpeechConfig.from_hf_config(model_config.hf_config))
+        window = encoder_window(NativeSpeechConfig.from_hf_config(model_config.hf_config))
         # no chunking: vLLM would join chunks' texts with spaces, which breaks SRT outputs apart; longer
         # audio is cut to the window by the processor
         return SpeechToTextConfig(sample_rate=SAMPLE_RATE, max_audio_clip_s=int(window.seconds),
