@@ -4,8 +4,9 @@
                    embedding, and the tokenizer with the tags: AutoModelForCausalLM.from_pretrained
                    loads it (for gemma-3-27b-it a text-only Gemma3ForCausalLM, no vision tower)
     DIR/speech/    encoder/ (the Whisper encoder, save_pretrained), adapter.safetensors, speech.json
-    DIR/           config.json, generation_config.json and the tokenizer: what vLLM reads to serve
-                   the export as one native audio-in model (``mcat_ds.infer.vllm_model``)
+    DIR/           config.json, generation_config.json, the tokenizer and chat_template.jinja: what
+                   vLLM reads to serve the export as one native audio-in model
+                   (``mcat_ds.infer.vllm_model``)
 
 vLLM loads ``DIR`` itself as an ``MCATForConditionalGeneration`` (``vllm.LLM(model=DIR)``, ``vllm
 serve DIR``): ``config.json`` is the LLM's config with that architecture and the speech side's facts
@@ -66,6 +67,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 DESCRIPTION_KEYS = ("exported_from", "dtype", "adapter", "encoder_width", "llm_width", "num_speech_tokens",
                     "mask_padding_frames", "speech_input_scale", "speech_first_layer_scale", "language_tags",
                     "language_tag_ids", "generation")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['content'] is string %}"
+                 "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+                 "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}")
+"""For vLLM's chat endpoint (``--chat-template DIR/chat_template.jinja``): MCAT's prompt is BOS and the
+tags, no turns, so the user's text parts and nothing else (the speech positions go before BOS by
+themselves). Gemma's own template would wrap them in turns MCAT never saw."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,7 @@ def _write_native_vllm_files(llm, tokenizer, model, description: dict[str, Any],
                   "max_new_tokens": description["generation"]["max_new_tokens"]}
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     tokenizer.hf.save_pretrained(staging)
+    (staging / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE, encoding="utf-8")
 
 
 def read_export_description(directory: str | Path) -> dict[str, Any]:
