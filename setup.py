@@ -54,5 +54,7 @@ setup(
         "console_scripts": ["mcat=mcat_ds.cli:main"],
         # vLLM loads these in each of its processes: an mcat export then loads as a native audio-in model
         "vllm.general_plugins": ["mcat = mcat_ds.infer.vllm_plugin:register"],
+        # ... and in every engine, the release's no-repeat rule, on by default for an export that sets it
+        "vllm.logits_processors": ["no_repeat_ngram = mcat_ds.infer.vllm_no_repeat:NoRepeatNgramLogitsProcessor"],
     },
 )

@@ -97,6 +97,9 @@ class NativeSpeechConfig:
     """The id the speech positions carry (the pad id, as in training); vLLM overwrites their rows."""
     languages: list[str]
     """The ISO 639-3 codes the model has tags for."""
+    no_repeat_ngram_size: int = 0
+    """The checkpoint's decoding setting, which vLLM's no-repeat processor applies to requests that do
+    not set their own (``mcat_ds.infer.vllm_no_repeat``)."""
     llm_weights: str = f"{LLM_DIR}/*.safetensors"
     """Glob under the export root of the LLM's weights."""
     encoder_weights: str = f"{SPEECH_DIR}/{ENCODER_DIR}"
@@ -240,6 +243,7 @@ def _write_native_vllm_files(llm, tokenizer, model, description: dict[str, Any],
         speech_first_layer_scale=description["speech_first_layer_scale"],
         placeholder_token_id=model.pad_token_id,
         languages=list(description["language_tag_ids"]),
+        no_repeat_ngram_size=description["generation"]["no_repeat_ngram_size"],
     )
     config = llm.config.to_dict()
     config["architectures"] = [NATIVE_ARCHITECTURE]

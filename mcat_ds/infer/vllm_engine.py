@@ -30,70 +30,8 @@ from mcat_ds.optional import require
 vllm = require("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402 (after the check that says how to install it)
 from vllm.inputs import EmbedsPrompt  # noqa: E402
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
-from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
 
-NO_REPEAT_KEY = "no_repeat_ngram_size"
-"""The per-request ``SamplingParams.extra_args`` key the logits processor reads."""
-
-
-class _NgramHistory:
-    """One request's n-grams so far: (n-1)-token prefix -> the tokens that followed it. Extended with
-    each step's new tokens, so that a step costs O(1) per request, not a rescan of its output."""
-
-    def __init__(self, size: int, generated: list[int]):
-        self.size = size
-        self.generated = generated  # vLLM's live list of this request's output ids
-        self.followers: dict[tuple[int, ...], set[int]] = {}
-        self.seen = 0
-
-    def banned(self) -> set[int]:
-        tokens, size = self.generated, self.size
-        for end in range(max(self.seen, size - 1), len(tokens)):
-            self.followers.setdefault(tuple(tokens[end - size + 1:end]), set()).add(tokens[end])
-        self.seen = len(tokens)
-        if len(tokens) < size - 1:
-            return set()
-        return self.followers.get(tuple(tokens[len(tokens) - size + 1:]), set())
-
-
-class NoRepeatNgramLogitsProcessor(LogitsProcessor):
-    """HF's ``no_repeat_ngram_size`` over each request's generated tokens: a token that would repeat
-    one of its n-grams gets -inf. Only the generated tokens count, as in HF ``generate`` from
-    ``inputs_embeds`` (the release's call), where the prompt has no ids."""
-
-    @classmethod
-    def validate_params(cls, params: SamplingParams):
-        size = (params.extra_args or {}).get(NO_REPEAT_KEY, 0)
-        if not isinstance(size, int) or size < 0:
-            raise ValueError(f"{NO_REPEAT_KEY} must be a non-negative integer, got {size!r}")
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.device = device
-        self.rows: dict[int, _NgramHistory] = {}
-        """Batch index -> that request's n-gram history (vLLM moves and removes indices)."""
-
-    def is_argmax_invariant(self) -> bool:
-        return False  # a banned token can be the argmax
-
-    @staticmethod
-    def _new_request(params: SamplingParams, _prompt_ids, output_ids: list[int]):
-        size = (params.extra_args or {}).get(NO_REPEAT_KEY, 0) if params is not None else 0
-        return _NgramHistory(size, output_ids) if size else None
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.rows, batch_update, self._new_request)
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        rows, tokens = [], []
-        for index, history in self.rows.items():
-            banned = history.banned()
-            rows += [index] * len(banned)
-            tokens += banned
-        if rows:  # one scatter for the batch
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)] = float("-inf")
-        return logits
-
+from mcat_ds.infer.vllm_no_repeat import NO_REPEAT_KEY, NoRepeatNgramLogitsProcessor, installed_as_plugin  # noqa: E402
 
 class VllmEngine:
     """Decodes the requests of a chunk on vLLM; same ids out as ``greedy_decode``."""
@@ -127,8 +65,9 @@ class VllmEngine:
             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
             enforce_eager=settings.enforce_eager or on_cpu,
             **({} if settings.kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": settings.kv_cache_memory_bytes}),
-            # always there (it costs nothing for requests without the setting), so one engine serves any
-            logits_processors=[NoRepeatNgramLogitsProcessor],
+            # always there (it costs nothing for requests without the setting), so one engine serves any;
+            # an installed package has vLLM load it for every engine already
+            logits_processors=[] if installed_as_plugin() else [NoRepeatNgramLogitsProcessor],
         )
         self.set_generation(max_new_tokens, no_repeat_ngram_size, eos_token_id)
 
