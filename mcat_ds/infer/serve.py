@@ -9,11 +9,15 @@ signals are its own) with what MCAT needs and vLLM does not know:
 
 - the model's length and, on CPU, its KV cache, chosen for the model and machine
   (``mcat_ds.infer.vllm_settings``);
-- the release's ``no_repeat_ngram_size`` rule as a logits processor (a request turns it on with
-  ``vllm_xargs={"no_repeat_ngram_size": 5}``);
 - the export's chat template (BOS and the tags, no turns);
+- a check of WAV uploads that are cut short (``mcat_ds.infer.serve_checks``), which vLLM would
+  answer from their first part;
 - on CPU, ``--enforce-eager`` and ``--skip-mm-profiling``: the warm-up would run the encoder on
   dozens of 30 s dummy audios, minutes on a few cores.
+
+The release's decoding settings come from the export itself: ``max_new_tokens`` from its
+``generation_config.json``, ``no_repeat_ngram_size`` through the logits processor the package
+installs into vLLM (``mcat_ds.infer.vllm_no_repeat``); a request's own values win.
 
 Options after ours go to vLLM unchanged; one of these set there replaces ours. The server is
 started as ``python -m vllm.entrypoints.openai.api_server``: the CPU build's ``vllm`` command looks
@@ -27,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-NO_REPEAT_PROCESSOR = "mcat_ds.infer.vllm_engine:NoRepeatNgramLogitsProcessor"
+UPLOAD_CHECK = "mcat_ds.infer.serve_checks.AudioUploadCheck"
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def server_command(options: ServeOptions, export: Path, dtype: str, on_cpu: bool
 
     settings = resolve_settings(VllmSettings(), export, DTYPES[dtype].itemsize, on_cpu)
     ours = [("--host", options.host), ("--port", str(options.port)), ("--dtype", dtype),
-            ("--max-model-len", str(settings.max_model_len)), ("--logits-processors", NO_REPEAT_PROCESSOR)]
+            ("--max-model-len", str(settings.max_model_len))]
     if (export / CHAT_TEMPLATE_FILE).is_file():
         ours.append(("--chat-template", str(export / CHAT_TEMPLATE_FILE)))
     if options.api_key:
@@ -65,6 +69,8 @@ def server_command(options: ServeOptions, export: Path, dtype: str, on_cpu: bool
     for flag, value in ours:
         if not _given(flag, options.vllm_args):
             command += [flag, value]
+    # vLLM takes several; ours is added to the user's
+    command += ["--middleware", UPLOAD_CHECK]
     if on_cpu:
         command += [flag for flag in ("--enforce-eager", "--skip-mm-profiling") if not _given(flag, options.vllm_args)]
     return command + list(options.vllm_args)
