@@ -46,8 +46,9 @@ class NativeServed:
     def __init__(self, tiny_dirs, root, llm: str):
         from vllm import LLM
 
-        from mcat_ds.infer.vllm_engine import NoRepeatNgramLogitsProcessor
+        from mcat_ds.infer.vllm_no_repeat import installed_as_plugin
 
+        assert installed_as_plugin()  # the package's entry point gives every engine the no-repeat rule
         config = get_preset("tiny")
         config.model.encoder.checkpoint = str(tiny_dirs["whisper"])
         config.model.llm.checkpoint = str(tiny_dirs[llm])
@@ -58,7 +59,7 @@ class NativeServed:
         self.model.eval()
         self.llm = LLM(model=str(self.export), dtype="float32", seed=0, enforce_eager=True, max_model_len=512,
                        max_num_seqs=16, gpu_memory_utilization=0.1, limit_mm_per_prompt={"audio": 1},
-                       skip_mm_profiling=True, logits_processors=[NoRepeatNgramLogitsProcessor])
+                       skip_mm_profiling=True)
 
     def encoded_audio_items(self) -> int:
         from mcat_ds.infer.vllm_model import encoded_audio_items
@@ -86,14 +87,15 @@ def utterances(small_shards, count: int) -> list[tuple[np.ndarray, str, list[str
     raise AssertionError(f"{small_shards} has fewer than {count} utterances with three targets")
 
 
-def fast_engine_ids(served: NativeServed, audio: list[np.ndarray], prompts: list[tuple[int, str]]) -> list[list[int]]:
+def fast_engine_ids(served: NativeServed, audio: list[np.ndarray], prompts: list[tuple[int, str]],
+                    no_repeat: int = NO_REPEAT) -> list[list[int]]:
     """What mcat translate's fast engine decodes: (utterance index, prompt text) -> new ids."""
     model = served.model
     window = speech_window(model)
     with torch.no_grad():
         waveforms, num_samples = pad_waveforms(audio, window)
         speech = model.speech_embeddings(LogMelSpectrogram(window)(waveforms, num_samples), feature_frames(num_samples))
-        engine = TorchEngine(model, TranslateConfig(max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram_size=NO_REPEAT))
+        engine = TorchEngine(model, TranslateConfig(max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram_size=no_repeat))
         examples = [tokenize_example(served.tokenizer.hf, text) for _, text in prompts]
         rows = torch.tensor([utterance for utterance, _ in prompts])
         return engine.decode(speech[rows], examples, DecodeCounters())
@@ -102,7 +104,7 @@ def fast_engine_ids(served: NativeServed, audio: list[np.ndarray], prompts: list
 def test_vllm_serves_the_export_natively_with_the_fast_engines_tokens(native, small_shards):
     from vllm import SamplingParams
 
-    from mcat_ds.infer.vllm_engine import NO_REPEAT_KEY
+    from mcat_ds.infer.vllm_no_repeat import NO_REPEAT_KEY
 
     picked = utterances(small_shards, UTTERANCES)
     prompts = []  # (utterance, MCAT prompt): SRT into three targets, then ASR
@@ -193,3 +195,23 @@ def test_text_prompts_and_a_later_call_with_the_same_audio(native, small_shards)
     assert second[0].prompt_token_ids == first[0].prompt_token_ids
     assert second[0].outputs[0].token_ids == first[0].outputs[0].token_ids
     assert native.encoded_audio_items() == encoded
+
+
+def test_the_translation_endpoint_answers_what_follows_the_tag_pair_streamed_or_not():
+    from mcat_ds.infer.vllm_model import TranslationStream, translation_part
+
+    srt = "Hallo Welt<|deu|><|fra|>Bonjour le monde"
+    assert translation_part(srt) == "Bonjour le monde"
+    assert translation_part(" just a transcript ") == "just a transcript"
+    assert translation_part("<|deu|><|fra|>") == "<|deu|><|fra|>"  # tags alone: shown, not hidden
+    assert translation_part("Hallo<|deu|><|fra|>Bonjour<|deu|><|fra|>Bonjour") == "Bonjour"  # a loop: the first
+
+    def streamed(deltas: list[str]) -> list[str]:
+        stream = TranslationStream()
+        return [stream.process_delta(delta, index == len(deltas) - 1) for index, delta in enumerate(deltas)]
+
+    sent = streamed(["Hallo", " Welt", "<|deu|>", "<|fra|>", "Bon", "jour", " le monde", ""])
+    assert sent[:4] == ["", "", "", ""] and "".join(sent) == "Bonjour le monde" and sent[4] == "Bon"
+    sent = streamed(["Hallo", "<|de", "u|><|fra|>Bonjour", "<|deu|><|fra|>Bonjour", ""])  # a tag split, then a loop
+    assert "".join(sent) == "Bonjour" and sent[1] == ""
+    assert "".join(streamed(["just a ", "transcript", ""])) == "just a transcript"  # sent when it ends

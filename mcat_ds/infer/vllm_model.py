@@ -14,13 +14,21 @@ Requests carry audio (16 kHz mono; vLLM resamples an ``(array, rate)`` pair) and
 instruction (``mcat_ds.prompts.build_prompt``) tokenized with BOS, as ``tokenize_example`` does. The
 processor computes the log-mel features with our own code (no HF processor) and inserts the
 ``num_speech_tokens`` speech positions at the very start of the prompt, so the sequence is training's
-[speech rows ; BOS ; tags ...]. Audio longer than the encoder's window is cut to the window, as
-``mcat translate`` does. vLLM caches an audio's encoder output by the audio's content hash: one audio
-sent with several targets is encoded once while its requests are in flight together.
+[speech rows ; BOS ; tags ...]. Audio longer than the encoder's window is refused with a message
+(:class:`AudioTooLongError`): the model would hear its first window only, and a long recording
+wants ``mcat translate-audio`` (segmentation at pauses, subtitles); ``mcat translate`` cuts
+utterances to the window before they get here. vLLM caches an audio's encoder output by the
+audio's content hash: one audio sent with several targets is encoded once while its requests are in
+flight together.
 
-``SupportsTranscription`` serves ``/v1/audio/transcriptions``: ``language`` (ISO 639-1, required: MCAT
-needs the source tag) gives ASR; with ``to_language`` the request is SRT (transcript, the tag pair,
-then the translation). ``/v1/audio/translations`` without ``to_language`` translates into English.
+``SupportsTranscription`` serves the audio endpoints with ISO 639-1 codes; ``language`` is required
+(MCAT needs the source tag):
+
+- ``/v1/audio/transcriptions``: ASR, the transcript;
+- ``/v1/audio/translations`` with ``to_language`` (required: MCAT translates into any of its
+  languages, not into English alone): SRT, and the endpoint answers the translation, the text after
+  the tag pair, as ``mcat translate`` scores it (``split_srt_output``). Chat with an audio part
+  answers the whole output.
 
 This module imports vLLM at load: vLLM imports it when it builds the model.
 """
@@ -28,6 +36,7 @@ This module imports vLLM at load: vLLM imports it when it builds the model.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+import re
 from functools import lru_cache
 from typing import ClassVar, Literal
 
@@ -42,7 +51,12 @@ from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.config.speech_to_text import SpeechToTextParams
 from vllm.inputs import MultiModalDataDict, PromptType, TokensPrompt
 from vllm.model_executor.model_loader import DefaultModelLoader
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsTranscription
+from vllm.model_executor.models.interfaces import (
+    MultiModalEmbeddings,
+    StreamingTranscriptionPostProcessor,
+    SupportsMultiModal,
+    SupportsTranscription,
+)
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
@@ -65,7 +79,7 @@ from mcat_ds.languages import LANGUAGES, UnknownLanguageError
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.encoder import SpeechEncoder
 from mcat_ds.model.mcat import encode_speech
-from mcat_ds.prompts import build_prompt
+from mcat_ds.prompts import build_prompt, split_srt_output
 
 MCAT_BY_WHISPER_CODE: dict[str, str] = {
     language.whisper: language.code for language in LANGUAGES if language.whisper in WHISPER_LANGUAGES
@@ -93,6 +107,51 @@ def mcat_code(whisper_code: str, speech: NativeSpeechConfig, field: str) -> str:
     if code not in speech.languages:
         raise UnknownLanguageError(f"{field} {whisper_code!r} ({code}): not one of this model's languages")
     return code
+
+
+class AudioTooLongError(ValueError):
+    """Audio longer than the encoder's window: a 400 from the server, with what to do instead."""
+
+
+def check_audio_length(samples: int, window: FeatureWindow) -> None:
+    if samples > window.samples:
+        raise AudioTooLongError(
+            f"the audio is {samples / SAMPLE_RATE:.1f} s long; this model hears at most {window.seconds:g} s at once. "
+            f"Send clips of at most {window.seconds:g} s, or translate the recording with `mcat translate-audio`, "
+            "which cuts it at pauses and writes subtitles")
+
+
+def translation_part(text: str) -> str:
+    """What the audio endpoints answer: from an SRT output the translation after the tag pair, as
+    ``mcat translate`` scores it; the whole text when nothing follows a tag run (a transcript, or
+    output that is tags alone). The text alone must do: vLLM does not say which endpoint asked."""
+    return split_srt_output(text).translation or text.strip()
+
+
+class TranslationStream(StreamingTranscriptionPostProcessor):
+    """Streamed ``/v1/audio/translations``: the transcript part is held back, the translation after
+    the tag pair is sent as it grows, and nothing after a second tag run (a decoding loop). Output
+    with no tag at all (a transcript) is sent whole when it ends: the text alone cannot say which
+    endpoint asked for it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = ""
+
+    def process_delta(self, text_delta: str, finished: bool) -> str:
+        self.text += text_delta
+        current = translation_part(self.text) if finished else self._translation_so_far()
+        if not current.startswith(self.sent):
+            return ""  # only the final strip can disagree with what went out: whitespace
+        delta, self.sent = current[len(self.sent):], current
+        return delta
+
+    def _translation_so_far(self) -> str:
+        pieces = re.split(r"((?:<\|[a-z]{3}\|>)+)", re.sub(r"<(?:\|[a-z]{0,3}\|?)?$", "", self.text))
+        # pieces: transcript, tag run, translation, [tag run, ...]; the last piece may still grow
+        if len(pieces) < 3 or (len(pieces) == 3 and not pieces[2].strip()):
+            return ""
+        return pieces[2].lstrip()
 
 
 def encoded_audio_items(model: MCATForConditionalGeneration) -> int:
@@ -142,8 +201,9 @@ class MCATMultiModalProcessor(BaseMultiModalProcessor[MCATProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         window = encoder_window(self.info.speech)
         audios = hf_data.get("audios", hf_data.get("audio"))
-        # longer audio is cut to the window, as mcat translate trims it
-        waves = [np.asarray(audio, dtype=np.float32)[: window.samples] for audio in audios]
+        waves = [np.asarray(audio, dtype=np.float32) for audio in audios]
+        for wave in waves:
+            check_audio_length(wave.size, window)
         waveforms, num_samples = pad_waveforms(waves, window)
         features = log_mel_for(window)(waveforms, num_samples)
         return BatchFeature({"input_features": features, "feature_lengths": feature_frames(num_samples)})
@@ -247,8 +307,8 @@ class MCATForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsTransc
     def get_speech_to_text_config(cls, model_config: ModelConfig,
                                   task_type: Literal["transcribe", "translate"]) -> SpeechToTextConfig:
         window = encoder_window(NativeSpeechConfig.from_hf_config(model_config.hf_config))
-        # no chunking: vLLM would join chunks' texts with spaces, which breaks SRT outputs apart; longer
-        # audio is cut to the window by the processor
+        # no chunking: vLLM would join chunks' texts with spaces, which breaks SRT outputs apart, and
+        # cuts blind of pauses; longer audio is refused (get_generation_prompt)
         return SpeechToTextConfig(sample_rate=SAMPLE_RATE, max_audio_clip_s=int(window.seconds),
                                   min_energy_split_window_size=None)
 
@@ -259,15 +319,31 @@ class MCATForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsTransc
 
     @classmethod
     def get_generation_prompt(cls, stt_params: SpeechToTextParams) -> PromptType:
-        """MCAT's instruction: ASR ``<|src|>``, or SRT ``<|src|><|tgt|>`` when a target is asked for
-        (``to_language``; English for the translation endpoint without one), tokenized with BOS."""
+        """MCAT's instruction, tokenized with BOS: ASR ``<|src|>`` for a transcription, SRT
+        ``<|src|><|tgt|>`` for a translation (module docstring)."""
         speech = NativeSpeechConfig.from_hf_config(stt_params.model_config.hf_config)
+        check_audio_length(len(stt_params.audio), encoder_window(speech))
         if stt_params.language is None:
             raise ValueError("MCAT needs the spoken language: send language (an ISO 639-1 code)")
         source = mcat_code(stt_params.language, speech, "language")
-        target_code = stt_params.to_language or ("en" if stt_params.task_type == "translate" else None)
-        target = None if target_code is None else mcat_code(target_code, speech, "to_language")
-        prompt = build_prompt("asr", source) if target is None else build_prompt("srt", source, target)
+        if stt_params.task_type == "translate":
+            if stt_params.to_language is None:
+                raise ValueError("send to_language (an ISO 639-1 code): MCAT translates into any of its "
+                                 "languages, and does not assume English")
+            prompt = build_prompt("srt", source, mcat_code(stt_params.to_language, speech, "to_language"))
+        elif stt_params.to_language is not None:
+            raise ValueError("a transcription is in the spoken language: ask /v1/audio/translations for "
+                             "to_language (or chat, for the transcript and translation together)")
+        else:
+            prompt = build_prompt("asr", source)
         tokenizer = cached_tokenizer_from_config(stt_params.model_config)
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]  # as batching.tokenize_example
         return TokensPrompt(prompt_token_ids=list(ids), multi_modal_data={"audio": stt_params.audio})
+
+    @classmethod
+    def post_process_output(cls, text: str) -> str:
+        return translation_part(text)
+
+    @classmethod
+    def get_streaming_post_processor_cls(cls) -> type[StreamingTranscriptionPostProcessor]:
+        return TranslationStream
