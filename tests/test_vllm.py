@@ -110,7 +110,7 @@ def test_the_no_repeat_history_bans_what_hf_bans():
     import random
 
     from mcat_ds.infer.decoding import banned_ngram_tokens
-    from mcat_ds.infer.vllm_engine import _NgramHistory
+    from mcat_ds.infer.vllm_no_repeat import _NgramHistory
 
     rng = random.Random(0)
     for size in (1, 2, 3, 5):

@@ -147,8 +147,9 @@ def test_the_export_root_is_a_vllm_model_folder(native):
 
 
 def test_transcription_prompts_are_mcats_from_iso_639_1_codes(native):
-    """/v1/audio/transcriptions: language alone is ASR, with to_language SRT; translations default to
-    English; a language the model lacks, or none, is refused."""
+    """/v1/audio/transcriptions: ASR from language; /v1/audio/translations: SRT into to_language, which
+    it needs. A language the model lacks, none, a to_language on a transcription, or audio over the
+    window is refused."""
     from vllm.config.speech_to_text import SpeechToTextParams
 
     from mcat_ds.infer.vllm_model import MCATForConditionalGeneration as Model
@@ -167,12 +168,19 @@ def test_transcription_prompts_are_mcats_from_iso_639_1_codes(native):
         return list(tokenize_example(native.tokenizer.hf, build_prompt(task, *languages)).prompt_ids)
 
     assert prompt_ids(language="de") == ours("asr", "deu")
-    assert prompt_ids(language="de", to_language="fr") == ours("srt", "deu", "fra")
-    assert prompt_ids(language="de", task_type="translate") == ours("srt", "deu", "eng")
+    assert prompt_ids(language="de", to_language="fr", task_type="translate") == ours("srt", "deu", "fra")
+    with pytest.raises(ValueError, match="send to_language"):
+        prompt_ids(language="de", task_type="translate")
+    with pytest.raises(ValueError, match="ask /v1/audio/translations"):
+        prompt_ids(language="de", to_language="fr")
     with pytest.raises(ValueError, match="spoken language"):
         prompt_ids(language=None)
     with pytest.raises(ValueError, match="no language with that code"):
         prompt_ids(language="la")
+    long_audio = np.zeros(31 * SAMPLE_RATE, dtype=np.float32)
+    with pytest.raises(ValueError, match="31.0 s long.*mcat translate-audio"):
+        Model.get_generation_prompt(SpeechToTextParams(audio=long_audio, stt_config=stt_config,
+                                                       model_config=model_config, language="de"))
     assert "ky" not in Model.supported_languages and Model.supported_languages["de"] == "German"
     assert stt_config.sample_rate == SAMPLE_RATE and not stt_config.allow_audio_chunking
 
