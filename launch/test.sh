@@ -25,4 +25,5 @@ cd "$REPO"
 MCAT_GPU_IMAGE_PYTHON="$REPO/.venv-gpu-image/bin/python" .venv/bin/python -m pytest -q tests "$@"
 .venv-tf5/bin/python -m pytest -q -m "not slow" tests
 # one vLLM engine at a time: each module stops its engine (or server) before the next starts one
-.venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_native.py tests/test_vllm_serve.py
+.venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_native.py tests/test_vllm_serve.py \
+    tests/test_bench_serving.py

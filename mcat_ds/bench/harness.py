@@ -1,5 +1,5 @@
 """The benchmarks' one harness: their shared arguments, what ran where, and rows appended to CSVs
-under benchmarks/. One module per benchmark beside it (kernels, train, inference, data, demo); the
+under benchmarks/. One module per benchmark beside it (kernels, train, inference, data, demo, longform, faults, serving); the
 scripts in launch/ only call their ``main``."""
 
 from __future__ import annotations
