@@ -24,7 +24,7 @@ the same machine as the server: on a few CPU cores it takes its share of them.
   warm-up requests first. Concurrencies above 32 queue in the server.
 - Offline: ``vllm.LLM(model=EXPORT)`` with what ``mcat serve`` gives the server (length and CPU KV
   cache from ``resolve_settings``, eager and no multimodal profiling on CPU, the no-repeat logits
-  processor loaded, ``max_num_seqs`` 32), MCAT's prompt ids and the samples the server decodes from
+  processor the package installs, ``max_num_seqs`` 32), MCAT's prompt ids and the samples the server decodes from
   the WAV, one untimed warm-up call first. It starts after the server has stopped: one engine at a
   time.
 
@@ -276,7 +276,7 @@ def bench_offline(export: Path, dtype: str, warm_up: list[Request], requests: li
     from vllm.inputs import TokensPrompt
 
     from mcat_ds.infer.export import DTYPES
-    from mcat_ds.infer.vllm_engine import NO_REPEAT_KEY, NoRepeatNgramLogitsProcessor
+    from mcat_ds.infer.vllm_no_repeat import NO_REPEAT_KEY
     from mcat_ds.infer.vllm_settings import VllmSettings, resolve_settings
     from mcat_ds.prompts import build_prompt
 
@@ -286,8 +286,7 @@ def bench_offline(export: Path, dtype: str, warm_up: list[Request], requests: li
     kv_cache = {} if settings.kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": settings.kv_cache_memory_bytes}
     llm = LLM(model=str(export), dtype=dtype, seed=0, enforce_eager=on_cpu, skip_mm_profiling=on_cpu,
               max_model_len=settings.max_model_len, max_num_seqs=MAX_NUM_SEQS,
-              gpu_memory_utilization=settings.gpu_memory_utilization, **kv_cache,
-              logits_processors=[NoRepeatNgramLogitsProcessor])
+              gpu_memory_utilization=settings.gpu_memory_utilization, **kv_cache)  # no-repeat: the installed plugin
     try:
         tokenizer = llm.get_tokenizer()
         # what the model's transcription prompt builds from the request's language codes
