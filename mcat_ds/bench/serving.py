@@ -8,7 +8,7 @@ uploads, WAV decoding or requests trickling in, so the ratio server / offline is
 the same machine as the server: on a few CPU cores it takes its share of them.
 
 - Clips: English demo sentences spoken by espeak-ng (as the long-recording benchmark makes them),
-  silence trimmed, 16 kHz 16-bit WAV; ``--clips`` (64) of them, the 40 sentences coming round again
+  silence trimmed, 16 kHz 16-bit WAV; ``--clips`` (256: timed passes of seconds, not one or two) of them, the 40 sentences coming round again
   (quieter) past the last. Each clip is sent into two targets (``en`` -> ``de``, ``fr``), its two
   requests next to each other: the second finds the clip's encoder output in vLLM's encoder cache,
   on both sides.
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     from mcat_ds.optional import require
 
     parser = benchmark_parser(description, CSV_NAME)
-    parser.add_argument("--clips", type=int, default=64,
+    parser.add_argument("--clips", type=int, default=256,
                         help="clips of English demo sentences, each into two targets (past the 40 sentences, "
                              "they come round again, quieter)")
     parser.add_argument("--concurrency", default="1,8,32", help="requests in flight, one pass each (comma-separated)")
