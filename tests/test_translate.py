@@ -235,4 +235,4 @@ def test_each_vllm_rank_sees_its_own_gpus():
 def test_vllm_refuses_beams_before_loading_anything(tiny_checkpoint, small_shards, tmp_path, capsys):
     assert main(["translate", "--checkpoint", str(tiny_checkpoint), "--data", str(small_shards),
                  "--out", str(tmp_path / "h.jsonl"), "--engine", "vllm", "--beams", "4"]) == 2
-    assert "no beam search" in capsys.readouterr().err
+    assert "--engine vllm decodes greedily" in capsys.readouterr().err

@@ -53,6 +53,9 @@ class Served:
     def run(self, engine: str, data, out, config: TranslateConfig, eos: int):
         if engine == "vllm":
             self.engine.set_generation(config.max_new_tokens, config.no_repeat_ngram_size, eos)
+            # as a new process finds it: no audio processed or encoded yet (the engine stays up across tests)
+            self.engine.engine.reset_mm_cache()
+            self.engine.engine.llm_engine.reset_encoder_cache()
             return translate(None, self.engine, self.tokenizer.hf, data, out, config)  # vLLM encodes
         self.model.eos_token_id = eos
         return translate(self.model, TorchEngine(self.model, config), self.tokenizer.hf, data, out, config)

@@ -218,7 +218,7 @@ def _translate_config(job: TranslateJob, generation: GenerationConfig) -> Transl
         engine=job.engine, long_audio=job.long_audio,
     )
     if config.engine == "vllm" and config.beams > 1:
-        raise ValueError(f"beams={config.beams}: vLLM offers no beam search with prompt embeddings; "
+        raise ValueError(f"beams={config.beams}: --engine vllm decodes greedily; "
                          "use --engine hf for beams (or --beams 1)")
     return config
 

@@ -7,7 +7,7 @@ plus the speech side's facts (``mcat_ds.infer.export.NativeSpeechConfig``). Insi
 - the frozen Whisper encoder (transformers' module, as in training) and our speech adapter, as plain
   torch modules running ``mcat_ds.model.mcat.encode_speech``; the rows they give are scaled as the
   first decoder layer must see them (vLLM multiplies token embeddings by Gemma's normaliser but merges
-  speech rows as given), what ``--engine vllm`` hands over as prompt embeddings today;
+  speech rows as given);
 - vLLM's own Gemma2 / Gemma3 text model for the LLM (paged KV cache, its kernels).
 
 Requests carry audio (16 kHz mono; vLLM resamples an ``(array, rate)`` pair) and a prompt: MCAT's
