@@ -85,14 +85,14 @@ def utterances(small_shards, count: int) -> list[tuple[np.ndarray, str, list[str
 
 
 def fast_engine_ids(served: NativeServed, audio: list[np.ndarray], prompts: list[tuple[int, str]],
-                    no_repeat: int = NO_REPEAT) -> list[list[int]]:
+                    no_repeat: int = NO_REPEAT, max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
     """What mcat translate's fast engine decodes: (utterance index, prompt text) -> new ids."""
     model = served.model
     window = speech_window(model)
     with torch.no_grad():
         waveforms, num_samples = pad_waveforms(audio, window)
         speech = model.speech_embeddings(LogMelSpectrogram(window)(waveforms, num_samples), feature_frames(num_samples))
-        engine = TorchEngine(model, TranslateConfig(max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram_size=no_repeat))
+        engine = TorchEngine(model, TranslateConfig(max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat))
         examples = [tokenize_example(served.tokenizer.hf, text) for _, text in prompts]
         rows = torch.tensor([utterance for utterance, _ in prompts])
         return engine.decode(speech[rows], examples, DecodeCounters())
