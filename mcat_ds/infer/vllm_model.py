@@ -206,6 +206,10 @@ class MCATDummyInputsBuilder(BaseDummyInputsBuilder[MCATProcessingInfo]):
 class MCATMultiModalProcessor(BaseMultiModalProcessor[MCATProcessingInfo]):
     """Log-mel features by our own code (what training and ``mcat translate`` compute), no HF processor."""
 
+    requires_tokenizer: ClassVar[bool] = False
+    """Prompts of ids need none: the speech positions go at the start by id, and the features come from
+    the audio alone (an export without a tokenizer, such as a benchmark's random model, serves too)."""
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         window = encoder_window(self.info.speech)
         audios = hf_data.get("audios", hf_data.get("audio"))

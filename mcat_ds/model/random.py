@@ -24,7 +24,8 @@ FLEURS_SECONDS = (3.0, 25.0)
 
 
 def fleurs_like_lengths(count: int, window: int, generator: torch.Generator) -> torch.Tensor:
-    """Valid frames of utterances drawn uniformly from 3-25 s, scaled to a ``window``-frame 30 s window."""
+    """Lengths of utterances drawn uniformly from 3-25 s, scaled to a 30 s window of ``window`` units
+    (mel frames, or samples)."""
     low, high = (s / WINDOW_SECONDS for s in FLEURS_SECONDS)
     fraction = low + (high - low) * torch.rand(count, generator=generator)
     return (fraction * window).round().clamp(1, window).long()
